@@ -38,7 +38,7 @@ $(DATA_STAMP): $(STAMP)
 data: $(DATA_STAMP)
 
 lab: install data
-	cd notebooks && ../$(VENV)/bin/jupyter lab
+	cd notebooks && ../$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lint: install
 	$(PY) -m ruff check .
