@@ -583,3 +583,28 @@ def test_real_corpus_end_to_end(tmp_path):
     assert f"train:     {len(train):,} rows x 65 tokens" in result.stdout
     tok = load_tokenizer(tmp_path / "tokenizer-2048.json")
     assert decode(tok, train[0]).startswith("ALL'S WELL THAT ENDS WELL")
+
+
+def test_fuzz_load_split_raises_only_value_errors(tmp_path):
+    """Random malformed tensors and bytes: a tensor back, or a ValueError with a message."""
+    rng = random.Random(0)
+    dtypes = [torch.long, torch.int32, torch.uint8, torch.float16, torch.float32, torch.bool]
+    path = tmp_path / "fuzz.pt"
+    outcomes = set()
+    for _ in range(200):
+        shape = [rng.randint(0, 3) * rng.choice([1, WIDTH]) for _ in range(rng.randint(0, 3))]
+        values = torch.randint(-2, 302, shape) if shape else torch.tensor(rng.randint(-2, 302))
+        obj = values.to(rng.choice(dtypes))
+        if rng.random() < 0.2:
+            path.write_bytes(rng.randbytes(rng.randint(0, 64)))
+        else:
+            torch.save(obj, path)
+        try:
+            rows = load_split(path, CFG)
+        except ValueError as err:
+            assert str(path) in str(err)
+            outcomes.add("error")
+        else:
+            assert rows.dtype == torch.long and rows.shape[1] == WIDTH
+            outcomes.add("ok")
+    assert outcomes == {"ok", "error"}
