@@ -1,0 +1,352 @@
+"""lowvram.memory: the tracker against the real CPU allocator, each option's effect, the
+simulated CUDA allocator, the planner, the tables and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch._C._profiler as _profiler
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from lowvram import memory
+from lowvram.config import ModelConfig, get_preset
+from lowvram.memory import (
+    CUDA_CONTEXT_BYTES,
+    GiB,
+    MiB,
+    Recipe,
+    _CachingAllocatorSim,
+    ablation,
+    ablation_table,
+    measure_step,
+    plan,
+    plan_table,
+)
+from lowvram.model import GPTModel
+
+# Small enough for milliseconds, large enough that the peak is not a rounding artefact.
+CFG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)
+V_C = CFG.vocab_size * CFG.n_embd  # elements in the token embedding (and in an untied lm head)
+
+
+def _real_cpu_step_peaks(cfg: ModelConfig, micro_batch: int, precision: str, optimizer: str) -> dict[str, int]:
+    """Run two real (not fake) steps on CPU under torch.profiler; the CPU allocator's peak of
+    live bytes in each phase of the 2nd step."""
+    torch.manual_seed(0)
+    ranges: dict[str, record_function] = {}
+
+    def on_phase(step: int, phase: str) -> None:
+        for rf in ranges.values():
+            rf.__exit__(None, None, None)
+        ranges.clear()
+        if step == 1:
+            ranges[phase] = record_function(f"measured:{phase}")
+            ranges[phase].__enter__()
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = GPTModel(cfg)
+        opt = memory._make_optimizer(model, optimizer)
+        batch = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.block_size + 1))
+        memory._run_steps(
+            model, opt, batch, precision=precision, device_type="cpu", cuda_loss=False,
+            keep_logits=True, max_grad_norm=1.0, foreach_clip=False, on_phase=on_phase,
+        )
+    # (time, bytes allocated in total after the event, bytes of the event)
+    allocations: list[tuple[int, int, int]] = []
+    windows: dict[str, tuple[int, int]] = {}
+
+    def walk(node: _profiler._ProfilerEvent) -> None:
+        if isinstance(node.extra_fields, _profiler._ExtraFields_Allocation):
+            fields = node.extra_fields
+            allocations.append((node.start_time_ns, fields.total_allocated, fields.alloc_size))
+        elif node.name.startswith("measured:"):
+            windows[node.name.split(":")[1]] = (node.start_time_ns, node.end_time_ns)
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    # The reporter's total is process-wide: storages of an earlier session that died after it
+    # stopped are still counted. What was live before this session is the first event's total
+    # minus its own size.
+    allocations.sort()
+    before = allocations[0][1] - allocations[0][2]
+    return {
+        phase: max(total for t, total, _ in allocations if start <= t <= end) - before
+        for phase, (start, end) in windows.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("precision", "optimizer", "changes"),
+    [
+        ("no", "foreach", {}),
+        ("bf16", "foreach", {}),
+        ("no", "loop", {"tie_embeddings": True, "gradient_checkpointing": True}),
+        ("bf16", "fused", {"tie_embeddings": True}),
+    ],
+)
+def test_tracker_peak_equals_real_cpu_allocator(precision: str, optimizer: str, changes: dict) -> None:
+    cfg = dataclasses.replace(CFG, **changes)
+    real = _real_cpu_step_peaks(cfg, 4, precision, optimizer)
+    report = measure_step(cfg, 4, precision, optimizer=optimizer, target="cpu")
+    assert report.peak_bytes == pytest.approx(max(real.values()), rel=0.01)
+    for phase in ("forward", "backward", "optimizer"):
+        assert report.phase_peaks[phase] == pytest.approx(real[phase], rel=0.01)
+    # Usually exact to a few bytes; what the dispatcher cannot see is scratch memory that a kernel
+    # allocates inside itself (CPU flash attention's buffers, ~10 KB here under checkpointing).
+
+
+def test_report_parts_add_up_and_count_what_they_say() -> None:
+    r = measure_step(CFG, 4, target="cpu")
+    n_params = GPTModel(CFG).num_parameters()
+    assert r.num_parameters == n_params
+    assert r.params_bytes == r.grads_bytes == 4 * n_params  # fp32 weights and gradients
+    n_tensors = len(list(GPTModel(CFG).parameters()))
+    assert r.optimizer_state_bytes == 8 * n_params + 4 * n_tensors  # exp_avg, exp_avg_sq, step
+    assert sum(r.at_peak.values()) == r.peak_bytes
+    assert r.temporaries_bytes == r.at_peak["temporaries"]
+    assert sum(r.activations_detail.values()) == r.activations_bytes
+    assert r.reserved_bytes == r.peak_bytes and r.overheads == {}  # the CPU has no cache model
+    assert r.peak_phase in ("forward", "backward", "optimizer") and r.peak_op
+
+
+def test_tie_removes_exactly_one_vocab_by_embd_matrix_everywhere() -> None:
+    untied = measure_step(CFG, 4, tie=False, target="cpu")
+    tied = measure_step(CFG, 4, tie=True, target="cpu")
+    assert untied.params_bytes - tied.params_bytes == 4 * V_C
+    assert untied.grads_bytes - tied.grads_bytes == 4 * V_C
+    # exp_avg and exp_avg_sq of the head, plus its 4-byte step counter
+    assert untied.optimizer_state_bytes - tied.optimizer_state_bytes == 2 * 4 * V_C + 4
+    assert untied.num_parameters - tied.num_parameters == V_C
+    # on the CUDA target the step counters live on the host: exactly the two Adam moments
+    cu_untied = measure_step(CFG, 4, tie=False)
+    cu_tied = measure_step(CFG, 4, tie=True)
+    assert cu_untied.optimizer_state_bytes - cu_tied.optimizer_state_bytes == 2 * 4 * V_C
+
+
+def test_checkpointing_lowers_activations() -> None:
+    plain = measure_step(CFG, 4)
+    ckpt = measure_step(CFG, 4, checkpointing=True)
+    assert ckpt.activations_detail["blocks"] < plain.activations_detail["blocks"] / 10
+    assert ckpt.activations_bytes < plain.activations_bytes
+    assert ckpt.params_bytes == plain.params_bytes
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_shrinks_activations_not_weights_grads_or_adam(precision: str) -> None:
+    fp32 = measure_step(CFG, 4, "no", target="cpu")
+    half = measure_step(CFG, 4, precision, target="cpu")
+    assert half.activations_bytes < fp32.activations_bytes
+    assert half.activations_detail["blocks"] < 0.65 * fp32.activations_detail["blocks"]
+    # ...but it keeps 16-bit copies of the Linear weights (2 bytes each) for backward
+    linear = sum(m.weight.numel() for m in GPTModel(CFG).modules() if isinstance(m, torch.nn.Linear))
+    assert half.activations_detail["autocast_weight_copies"] == 2 * linear
+    assert fp32.activations_detail["autocast_weight_copies"] == 0
+    for part in ("params_bytes", "grads_bytes", "optimizer_state_bytes"):
+        assert getattr(half, part) == getattr(fp32, part)
+
+
+def test_fused_adamw_removes_the_foreach_temporary() -> None:
+    foreach = measure_step(CFG, 4, optimizer="foreach", target="cpu")
+    fused = measure_step(CFG, 4, optimizer="fused", target="cpu")
+    # _foreach_sqrt(exp_avg_sq) makes one temporary as large as all parameters
+    drop = foreach.phase_peaks["optimizer"] - fused.phase_peaks["optimizer"]
+    assert drop == pytest.approx(foreach.params_bytes, rel=0.01)
+    assert foreach.phase_peaks["backward"] == fused.phase_peaks["backward"]
+
+
+def test_activations_grow_linearly_with_the_micro_batch() -> None:
+    b4 = measure_step(CFG, 4)
+    b8 = measure_step(CFG, 8)
+    assert b8.activations_bytes > b4.activations_bytes
+    assert b8.activations_bytes / b4.activations_bytes == pytest.approx(2.0, rel=0.01)
+    assert b8.peak_bytes > b4.peak_bytes
+
+
+def test_dropping_the_logits_saves_one_logits_tensor() -> None:
+    kept = measure_step(CFG, 4, target="cpu")
+    dropped = measure_step(CFG, 4, target="cpu", keep_logits=False)
+    assert kept.peak_bytes - dropped.peak_bytes == 4 * CFG.block_size * CFG.vocab_size * 4
+
+
+def test_cuda_target_models_the_cuda_autocast_loss() -> None:
+    # CUDA keeps a 16-bit log_softmax and an fp32 copy for nll_loss; CPU one fp32 log_softmax
+    cpu = measure_step(CFG, 4, "fp16", target="cpu")
+    cuda = measure_step(CFG, 4, "fp16", target="cuda")
+    logits_elements = 4 * CFG.block_size * CFG.vocab_size
+    extra = cuda.activations_detail["head_and_loss"] - cpu.activations_detail["head_and_loss"]
+    assert extra == pytest.approx(2 * logits_elements, rel=0.01)
+    fp32_cpu = measure_step(CFG, 4, "no", target="cpu")
+    fp32_cuda = measure_step(CFG, 4, "no", target="cuda")  # same path without autocast
+    assert fp32_cuda.activations_detail["head_and_loss"] == pytest.approx(
+        fp32_cpu.activations_detail["head_and_loss"], rel=0.01
+    )
+
+
+def test_cuda_target_counts_workspace_and_overheads() -> None:
+    r = measure_step(CFG, 4)
+    assert r.at_peak["cublas_workspace"] == memory.CUBLAS_WORKSPACE_BYTES == 8_519_680
+    assert r.overheads["cuda_context"] == CUDA_CONTEXT_BYTES
+    assert r.overheads["allocator_cache"] == r.reserved_bytes - r.peak_bytes >= 0
+    assert r.total_bytes == r.reserved_bytes + CUDA_CONTEXT_BYTES
+    assert r.fits(card_gib=r.total_bytes / GiB)
+    assert not r.fits(card_gib=(r.total_bytes - 1) / GiB)
+    assert r.peak_bytes % 512 == 0  # every block is a multiple of 512 bytes
+    hopper = measure_step(CFG, 4, cuda_capability=(9, 0))
+    assert hopper.at_peak["cublas_workspace"] == 32 * MiB
+
+
+def test_seed_config_numbers() -> None:
+    """The full rtx2050 model: fp16 is nowhere near half of fp32 (FACTS 22)."""
+    cfg = get_preset("rtx2050")[0]
+    fp32 = measure_step(cfg, 4, "no")
+    fp16 = measure_step(cfg, 4, "fp16")
+    V, T, C, L = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_layer
+    assert fp32.num_parameters == 2 * V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+    assert fp32.peak_phase == "optimizer" and fp32.peak_op == "_foreach_sqrt"
+    assert 0.9 < fp16.peak_bytes / fp32.peak_bytes < 1.0
+    assert fp32.fits(4.0)
+
+
+def test_allocator_sim_rounds_packs_splits_and_reuses() -> None:
+    sim = _CachingAllocatorSim()
+    assert sim.malloc(1, 1) == 512  # rounded up to 512 B...
+    assert sim.reserved == 2 * MiB  # ...inside a 2 MiB small-pool segment
+    assert sim.malloc(2, 1000) == 1024
+    assert sim.reserved == 2 * MiB  # packed into the same segment
+    assert sim.malloc(3, 3 * MiB) == 3 * MiB and sim.reserved == 22 * MiB  # a 20 MiB segment
+    # the 17 MiB left in that segment is the best fit for 12 MiB: split, nothing new reserved
+    assert sim.malloc(4, 12 * MiB + 1) == 12 * MiB + 512 and sim.reserved == 22 * MiB
+    # nothing cached is large enough: a new segment of the size rounded up to 2 MiB
+    assert sim.malloc(5, 30 * MiB + 1) == 30 * MiB + 512 and sim.reserved == 54 * MiB
+    sim.free(5)  # merges with the rest of its segment: one free 32 MiB block
+    # reused; the 1 MiB left over is not split off (large pool: only when > 1 MiB): charged whole
+    assert sim.malloc(6, 31 * MiB) == 32 * MiB and sim.reserved == 54 * MiB
+    assert sim.allocated == 512 + 1024 + 3 * MiB + 12 * MiB + 512 + 32 * MiB
+
+
+def test_allocator_sim_releases_cache_before_oom() -> None:
+    sim = _CachingAllocatorSim(capacity=40 * MiB)
+    sim.malloc(1, 30 * MiB)
+    sim.free(1)  # 30 MiB cached
+    assert sim.malloc(2, 36 * MiB) == 36 * MiB  # the cached segment is released, then it fits
+    assert sim.reserved == 36 * MiB
+    with pytest.raises(memory._OutOfMemory):
+        sim.malloc(3, 6 * MiB)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"micro_batch": 0}, "micro_batch=0"),
+        ({"precision": "fp8"}, "precision='fp8'"),
+        ({"optimizer": "adam"}, "optimizer='adam'"),
+        ({"target": "tpu"}, "target='tpu'"),
+    ],
+)
+def test_measure_step_rejects_bad_options(kwargs: dict, message: str) -> None:
+    args = {"micro_batch": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        measure_step(CFG, **args)
+
+
+def test_fits_rejects_a_bad_card() -> None:
+    with pytest.raises(ValueError, match="card_gib=0"):
+        measure_step(CFG, 2).fits(card_gib=0)
+
+
+def test_plan_finds_the_largest_micro_batch_and_its_accumulation() -> None:
+    recipe = Recipe("fp32")
+    card_gib = recipe.measure(CFG, 5).total_bytes / GiB  # exactly 5 sequences fit
+    (row,) = plan(CFG, card_gib=card_gib, target_effective_batch=16, recipes=[recipe])
+    assert row.micro_batch == 5
+    assert row.accumulation == math.ceil(16 / 5) == 4
+    assert row.effective_batch == 20
+    assert row.report is not None and row.report.fits(card_gib)
+    assert not recipe.measure(CFG, 6).fits(card_gib)
+    # a card too small for one sequence, and one large enough for the whole target batch
+    (none,) = plan(CFG, card_gib=0.01, recipes=[recipe])
+    assert none.micro_batch == 0 and none.report is None and not none.fits
+    (all16,) = plan(CFG, card_gib=80, target_effective_batch=16, recipes=[recipe])
+    assert (all16.micro_batch, all16.accumulation) == (16, 1)
+
+
+def test_ablation_rows_and_tables() -> None:
+    rows = ablation(CFG, micro_batch=4)
+    assert rows[0].name.startswith("seed baseline") and rows[0].peak_change == 0
+    assert rows[0].report.precision == "no" and rows[0].report.optimizer == "foreach"
+    assert not rows[0].report.tie and not rows[0].report.checkpointing
+    for prev, row in zip(rows, rows[1:], strict=False):
+        assert row.peak_change == row.report.peak_bytes - prev.report.peak_bytes
+    best = rows[-1].report
+    assert best.tie and best.checkpointing and best.optimizer == "fused" and not best.keep_logits
+    assert best.peak_bytes < rows[0].report.peak_bytes
+    en = ablation_table(rows, card_gib=4.0)
+    assert en.splitlines()[0] == "| Step | Peak (MiB) | Change (MiB) | Change (%) | Total (MiB) | Fits 4 GiB |"
+    assert len(en.splitlines()) == 2 + len(rows)
+    az = ablation_table(rows, card_gib=4.0, lang="az")
+    assert "Dəyişiklik (MiB)" in az and "bəli" in az
+    table = plan_table(plan(CFG, card_gib=1.0, target_effective_batch=8), lang="az")
+    assert table.splitlines()[0].startswith("| Resept | Mikro-batch | Yığım addımları |")
+    with pytest.raises(ValueError, match="lang='fr'"):
+        plan_table([], lang="fr")
+
+
+def test_plot_budget_stacks_every_part_under_the_card_line() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = [measure_step(CFG, 4, "no"), measure_step(CFG, 4, "fp16")]
+    ax = memory.plot_budget(reports, ["fp32", "fp16"], card_gib=0.5)
+    tops = [0.0, 0.0]
+    for container in ax.containers:
+        for i, bar in enumerate(container):
+            tops[i] = max(tops[i], bar.get_y() + bar.get_height())
+    for top, r in zip(tops, reports, strict=True):
+        assert top == pytest.approx(r.total_bytes / MiB)
+    assert ax.lines[0].get_ydata()[0] == pytest.approx(512)
+    plt.close("all")
+
+
+def test_cli_json_has_the_peak_every_part_and_the_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    assert memory.main(["--preset", "tiny", "--micro-batch", "2", "--precision", "bf16", "--tie",
+                        "--checkpointing", "--optimizer", "fused", "--card-gib", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("peak_bytes", "params_bytes", "grads_bytes", "optimizer_state_bytes",
+                "activations_bytes", "temporaries_bytes", "reserved_bytes", "total_bytes"):
+        assert isinstance(out[key], int) and out[key] > 0, key
+    assert out["fits"] is True
+    assert (out["precision"], out["optimizer"], out["tie"], out["checkpointing"]) == ("bf16", "fused", True, True)
+    expected = measure_step(get_preset("tiny")[0], 2, "bf16", True, True, "fused")
+    assert out["peak_bytes"] == expected.peak_bytes
+
+
+def test_cli_runs_as_a_module_and_explains_itself() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowvram.memory", "--preset", "tiny", "--card-gib", "0.25"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "peak" in proc.stdout and "does NOT fit in 0.25 GiB" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_verify_gpu_without_cuda_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    assert memory.main(["--preset", "tiny", "--verify-gpu"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_verify_gpu_estimate_is_within_10_percent(precision: str) -> None:
+    result = memory.verify_gpu(get_preset("cpu-demo")[0], 8, precision)
+    assert result["estimated_allocated"] == pytest.approx(result["max_memory_allocated"], rel=0.10)
