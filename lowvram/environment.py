@@ -1,0 +1,109 @@
+"""The versions-and-device cell that opens every notebook, written once.
+
+    from lowvram.environment import environment_summary
+    print(environment_summary("fp16"))     # the precision the notebook asks for
+
+prints the library versions, the device that ``lowvram.train.train`` will use, and which
+precision will actually run there and why (``lowvram.train.resolve_precision``, the one place
+that decides it). Every notebook calls this function instead of pasting its own checks, so the
+first cells of the series cannot drift apart.
+
+Its output is stored in the notebooks and re-checked by nbval in CI, so it shows only what is
+pinned (the versions in ``constraints.txt`` and ``TORCH_SPEC``) or decided (the device type and
+the precision): no thread counts, host names, paths or host memory. On a GPU the card's name and
+memory are shown; a learner's stored outputs are theirs to differ.
+"""
+
+from __future__ import annotations
+
+import platform
+import textwrap
+import warnings
+from importlib import metadata
+
+import torch
+
+__all__ = ["LIBRARIES", "environment_info", "environment_summary", "training_device"]
+
+# The libraries whose versions a learner compares first when a notebook misbehaves.
+LIBRARIES = ("torch", "accelerate", "transformers", "tokenizers")
+
+_PRECISION_NAMES = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
+_LABEL_WIDTH = 14
+
+
+def training_device() -> torch.device:
+    """The device ``lowvram.train.train(cpu=None)`` trains on: the first CUDA GPU, else the CPU.
+
+    Read from torch, not from an ``Accelerator``: creating accelerate's state in the kernel would
+    make a later ``notebook_launcher`` refuse to start (FACTS 8).
+    """
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _version(package: str) -> str:
+    if package == "torch":
+        return torch.__version__  # the installed build, e.g. 2.13.0+cpu or 2.5.1+cu121
+    try:
+        return metadata.version(package)  # no import: transformers alone costs ~1-2 s
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "CPU (torch sees no CUDA GPU)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    gib = props.total_memory / 2**30
+    count = torch.cuda.device_count()
+    gpus = f", GPU {index} of {count}" if count > 1 else ""
+    return (
+        f"CUDA: {props.name}, {gib:.1f} GiB, compute capability {props.major}.{props.minor}{gpus}"
+    )
+
+
+def environment_info(requested_precision: str = "fp16") -> dict[str, str]:
+    """The summary's rows as a dict: versions, ``device``, ``precision`` and ``precision_reason``.
+
+    Args:
+        requested_precision: what the notebook asks for (``"no"``, ``"fp16"`` or ``"bf16"``).
+
+    Returns:
+        ``{"python": "3.11", "torch": ..., "device": "CPU (...)", "precision": "no", ...}``;
+        ``precision`` is what will run (accelerate's name, ``"no"`` meaning fp32).
+    """
+    from lowvram.train import resolve_precision  # lazily: it imports accelerate
+
+    device = training_device()
+    with warnings.catch_warnings():
+        # resolve_precision warns when it runs something other than what was requested; the
+        # summary prints that reason itself, and a warning would also print this file's path
+        warnings.simplefilter("ignore", UserWarning)
+        precision, reason = resolve_precision(requested_precision, device)
+    info = {"python": ".".join(platform.python_version_tuple()[:2])}  # 3.11: patch levels vary
+    info.update({name: _version(name) for name in LIBRARIES})
+    info.update(
+        device=_describe_device(device),
+        requested_precision=requested_precision,
+        precision=precision,
+        precision_reason=reason,
+    )
+    return info
+
+
+def environment_summary(requested_precision: str = "fp16") -> str:
+    """A few aligned lines for a notebook's first cell: versions, device, precision and why."""
+    info = environment_info(requested_precision)
+    lines = [f"{name:<{_LABEL_WIDTH}}{info[name]}" for name in ("python", *LIBRARIES)]
+    lines.append(f"{'device':<{_LABEL_WIDTH}}{info['device']}")
+    requested, runs = info["requested_precision"], info["precision"]
+    lines.append(
+        f"{'precision':<{_LABEL_WIDTH}}requested {requested!r} -> runs {runs!r} "
+        f"({_PRECISION_NAMES[runs]})"
+    )
+    indent = " " * _LABEL_WIDTH
+    lines += textwrap.wrap(
+        info["precision_reason"], width=90, initial_indent=indent, subsequent_indent=indent
+    )
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The notebooks' first cell: versions, device and the precision that will run."""
+
+import platform
+import socket
+import warnings
+from importlib import metadata
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lowvram.environment import (
+    LIBRARIES,
+    environment_info,
+    environment_summary,
+    training_device,
+)
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def rtx2050(monkeypatch):
+    """torch believes it sees one RTX 2050 (GA107: compute capability 8.6, 4 GiB, bf16)."""
+    props = SimpleNamespace(
+        name="NVIDIA GeForce RTX 2050", total_memory=4 * 2**30, major=8, minor=6
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+
+def test_cpu_summary_lists_versions_device_and_the_precision_that_runs(no_gpu):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fp16 -> fp32 warning must not leak into a notebook
+        lines = environment_summary("fp16").splitlines()
+    python = ".".join(platform.python_version_tuple()[:2])
+    assert lines[:6] == [
+        f"python        {python}",
+        f"torch         {torch.__version__}",
+        f"accelerate    {metadata.version('accelerate')}",
+        f"transformers  {metadata.version('transformers')}",
+        f"tokenizers    {metadata.version('tokenizers')}",
+        "device        CPU (torch sees no CUDA GPU)",
+    ]
+    assert lines[6] == "precision     requested 'fp16' -> runs 'no' (fp32)"
+    reason = " ".join(line.strip() for line in lines[7:])
+    assert reason.startswith("fp16 was requested on cpu")
+    assert all(line.startswith(" " * 14) and len(line) <= 90 for line in lines[7:])
+
+
+@pytest.mark.parametrize(("requested", "runs"), [("no", "no"), ("fp16", "no"), ("bf16", "bf16")])
+def test_cpu_precision_follows_resolve_precision(no_gpu, requested, runs):
+    info = environment_info(requested)
+    assert info["requested_precision"] == requested
+    assert info["precision"] == runs
+    assert training_device() == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("requested", "runs", "label"),
+    [("fp16", "fp16", "fp16"), ("bf16", "bf16", "bf16"), ("no", "no", "fp32")],
+)
+def test_gpu_summary_names_the_card_and_keeps_fp16(rtx2050, requested, runs, label):
+    summary = environment_summary(requested)
+    assert training_device() == torch.device("cuda")
+    assert (
+        "device        CUDA: NVIDIA GeForce RTX 2050, 4.0 GiB, compute capability 8.6\n" in summary
+    )
+    assert f"precision     requested {requested!r} -> runs {runs!r} ({label})" in summary
+    if runs == "fp16":
+        assert "GradScaler" in summary
+
+
+def test_gpu_summary_says_which_of_several_gpus(rtx2050, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert environment_info("fp16")["device"].endswith(", GPU 0 of 2")
+
+
+def test_summary_shows_nothing_machine_specific(no_gpu):
+    # stored in every notebook and compared by nbval on another machine (CI)
+    summary = environment_summary("fp16")
+    assert "/" not in summary  # no paths
+    assert socket.gethostname() not in summary
+    assert platform.python_version() not in summary  # only major.minor: patch levels vary
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert environment_summary("fp16") == summary  # the thread count does not show
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_every_library_is_listed():
+    info = environment_info("no")
+    assert set(LIBRARIES) <= set(info)
+    assert all(info[name] not in ("", "not installed") for name in LIBRARIES)
+
+
+def test_unknown_precision_is_refused_with_the_value():
+    with pytest.raises(ValueError, match=r"mixed_precision='fp8'.*'no'.*'fp16'.*'bf16'"):
+        environment_summary("fp8")
