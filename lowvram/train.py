@@ -386,6 +386,8 @@ def _train_loop(
         )
     if train_data is None:
         train_data, val_data = load_datasets(model_config, tc.data_dir)
+    if len(val_data) == 0:
+        raise ValueError("val_data has 0 rows: validation needs at least one row of token ids")
     if tc.eval_max_batches is not None:
         # seed: no validation. Capped by rows, so that every process count sees the same rows.
         val_data = val_data[: tc.eval_max_batches * tc.per_device_eval_batch_size]

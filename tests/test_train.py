@@ -274,6 +274,17 @@ def test_train_data_errors(tmp_path):
         train(MODEL, TRAIN.replace(output_dir=str(tmp_path)), train_data=rows(8), progress=False)
     with pytest.raises(ValueError, match="fewer than batch_size"):
         run(tmp_path, "run", n_train=1)
+    with pytest.raises(ValueError, match="val_data has 0 rows"):
+        train(MODEL, TRAIN.replace(output_dir=str(tmp_path)), train_data=rows(8),
+              val_data=rows(8)[:0], progress=False)
+
+
+def test_progress_bar_on_main_process(tmp_path, capsys):
+    run(tmp_path, "quiet", max_steps=2)
+    assert "train:" not in capsys.readouterr().err
+    tc = TRAIN.replace(output_dir=str(tmp_path / "bar"), max_steps=2)
+    train(MODEL, tc, train_data=rows(32), val_data=rows(8, seed=1))
+    assert "train: 100%" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- precision
@@ -316,6 +327,31 @@ def test_bf16_on_cpu_runs(tmp_path):
     fp32 = run(tmp_path, "fp32", max_steps=2)
     assert history["steps"][0]["loss"] == pytest.approx(fp32["steps"][0]["loss"], abs=0.05)
     assert history["steps"][0]["loss"] != fp32["steps"][0]["loss"]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fp16_on_cuda_uses_a_grad_scaler(tmp_path):
+    history = run(tmp_path, "fp16", mixed_precision="fp16", num_epochs=2)
+    assert history["precision"] == "fp16"
+    assert len(history["steps"]) == 16  # accum 2: clipping on sync only, no unscale_ error
+    assert all(s["loss_scale"] is not None and s["loss_scale"] > 0 for s in history["steps"])
+    assert all(math.isfinite(s["loss"]) for s in history["steps"])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_bf16_on_cuda(tmp_path):
+    if not torch.cuda.is_bf16_supported():
+        with pytest.warns(UserWarning, match="does not support it"):
+            assert run(tmp_path, "bf16", mixed_precision="bf16", max_steps=2)["precision"] == "fp16"
+        return
+    history = run(tmp_path, "bf16", mixed_precision="bf16", max_steps=2)
+    assert history["precision"] == "bf16"
+    assert history["steps"][0]["loss_scale"] is None
 
 
 # ----------------------------------------------------------------------------- command line
