@@ -308,8 +308,8 @@ def train(
             ``lowvram.data.load_datasets(model_config, train_config.data_dir)``.
         resume_from: a checkpoint directory (``<output_dir>/checkpoints/step_XXXXXX``).
         progress: a progress bar on the main process.
-        cpu: None uses the GPU if there is one, else the CPU (with real multi-process DDP
-            under a launcher, FACTS 7); True forces the CPU.
+        cpu: None uses the CUDA GPU if there is one, else the CPU (then launched processes
+            do real data-parallel training over gloo, FACTS 7); True forces the CPU.
         _force_grad_scaler: fp16 autocast and a GradScaler on the CPU (tests and the notebook).
         _grad_hook: called with the model at each optimizer step, after the gradients are
             complete and before clipping (tests).
@@ -320,6 +320,8 @@ def train(
     # 1. Configuration: precision is decided once, before the Accelerator needs it.
     if cpu is None:
         cpu = not torch.cuda.is_available()
+    elif not cpu and not torch.cuda.is_available():
+        raise ValueError("cpu=False but no CUDA GPU is visible: use cpu=None (the GPU if any)")
     device = torch.device("cpu" if cpu else "cuda")
     if _force_grad_scaler:
         precision = "fp16"

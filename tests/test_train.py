@@ -274,6 +274,9 @@ def test_train_data_errors(tmp_path):
         train(MODEL, TRAIN.replace(output_dir=str(tmp_path)), train_data=rows(8), progress=False)
     with pytest.raises(ValueError, match="fewer than batch_size"):
         run(tmp_path, "run", n_train=1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cpu=False but no CUDA GPU"):
+            train(MODEL, TRAIN, train_data=rows(8), val_data=rows(8), cpu=False)
     with pytest.raises(ValueError, match="val_data has 0 rows"):
         train(MODEL, TRAIN.replace(output_dir=str(tmp_path)), train_data=rows(8),
               val_data=rows(8)[:0], progress=False)
