@@ -62,7 +62,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
@@ -71,6 +71,9 @@ from torch.utils._pytree import tree_leaves
 
 from lowvram.config import PRECISIONS, ModelConfig, get_preset
 from lowvram.model import GPTModel
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "ACTIVATION_PARTS",
@@ -92,6 +95,7 @@ __all__ = [
     "plan",
     "plan_table",
     "plot_budget",
+    "real_cpu_peaks",
     "verify_gpu",
 ]
 
@@ -814,27 +818,26 @@ def plan(
             f"target_effective_batch={target_effective_batch!r} is not allowed: "
             "it must be a positive integer, e.g. 16"
         )
-    rows = []
-    for recipe in recipes:
-        # the whole target in one micro-batch first (often the answer with a big card), then
-        # bisection: memory grows with the micro-batch
-        best, report = 0, None
-        lo, hi = 1, target_effective_batch
-        r = recipe.measure(model_config, hi)
+    return [_plan_one(model_config, r, card_gib, target_effective_batch) for r in recipes]
+
+
+def _plan_one(model_config: ModelConfig, recipe: Recipe, card_gib: float, target: int) -> PlanRow:
+    """The largest micro-batch in [1, target] that fits: the whole target first (the answer
+    on a roomy card), then bisection, since memory grows with the micro-batch."""
+    best: MemoryReport | None = None
+    lo, hi = 1, target  # the answer is in [lo - 1, hi]
+    while lo <= hi:
+        mid = hi if best is None and hi == target else (lo + hi) // 2
+        r = recipe.measure(model_config, mid)
         if r.fits(card_gib):
-            best, report, lo = hi, r, hi + 1
+            best, lo = r, mid + 1
         else:
-            hi -= 1
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            r = recipe.measure(model_config, mid)
-            if r.fits(card_gib):
-                best, report, lo = mid, r, mid + 1
-            else:
-                hi = mid - 1
-        accumulation = math.ceil(target_effective_batch / best) if best else 0
-        rows.append(PlanRow(recipe, best, accumulation, best * accumulation, report))
-    return rows
+            hi = mid - 1
+    if best is None:
+        return PlanRow(recipe, 0, 0, 0, None)
+    micro = best.micro_batch
+    accumulation = math.ceil(target / micro)
+    return PlanRow(recipe, micro, accumulation, micro * accumulation, best)
 
 
 @dataclass(frozen=True)
@@ -983,41 +986,129 @@ _COLORS = {
 }
 
 
+_PART_LABELS = {
+    "en": {
+        "params": "weights (fp32)", "grads": "gradients", "optimizer_state": "Adam state",
+        "activations": "activations", "temporaries": "temporaries",
+        "cublas_workspace": "cuBLAS workspace", "allocator_cache": "allocator cache",
+        "cuda_context": "CUDA context",
+    },
+    "az": {
+        "params": "çəkilər (fp32)", "grads": "qradiyentlər", "optimizer_state": "Adam vəziyyəti",
+        "activations": "aktivasiyalar", "temporaries": "müvəqqəti tensorlar",
+        "cublas_workspace": "cuBLAS iş sahəsi", "allocator_cache": "allocator keşi",
+        "cuda_context": "CUDA konteksti",
+    },
+}
+
+
 def plot_budget(
     reports: Sequence[MemoryReport],
     labels: Sequence[str] | None = None,
     card_gib: float = 4.0,
-    ax: Any = None,
-) -> Any:
-    """Stacked bars of what is live at each report's peak, plus the overheads, and the card's line.
+    lang: str = "en",
+) -> Figure:
+    """Stacked bars of what is live at each report's peak, then the overheads, and the card's line.
 
-    Returns the matplotlib Axes (matplotlib is imported here, not with the module).
+    Each bar's top is the report's ``total_bytes``. Returns the matplotlib Figure (matplotlib is
+    imported here, not with the module); in a notebook end the cell with ``plt.show()``.
     """
     import matplotlib.pyplot as plt
 
     _check_card(card_gib)
+    _check_lang(lang)
     if labels is None:
         labels = [f"{r.precision}, batch {r.micro_batch}" for r in reports]
     if len(labels) != len(reports):
-        raise ValueError(f"labels has {len(labels)} entries for {len(reports)} reports: give one per report")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 4.5))
-    parts = [p for p in (*COMPONENTS, "allocator_cache", "cuda_context")
-             if any({**r.at_peak, **r.overheads}.get(p, 0) for r in reports)]
+        raise ValueError(
+            f"labels has {len(labels)} entries for {len(reports)} reports: give one label per report"
+        )
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    values = [{**r.at_peak, **r.overheads} for r in reports]
+    parts = [p for p in _COLORS if any(v.get(p, 0) for v in values)]
     bottoms = [0.0] * len(reports)
     for part in parts:
-        heights = [{**r.at_peak, **r.overheads}.get(part, 0) / MiB for r in reports]
-        ax.bar(labels, heights, bottom=bottoms, label=part.replace("_", " "), color=_COLORS[part])
+        heights = [v.get(part, 0) / MiB for v in values]
+        ax.bar(labels, heights, bottom=bottoms, width=0.55, color=_COLORS[part],
+               label=_PART_LABELS[lang][part])
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    ax.axhline(card_gib * GiB / MiB, color="black", linestyle="--", linewidth=1)
-    ax.text(len(reports) - 0.5, card_gib * 1024, f" {card_gib:g} GiB", va="bottom", ha="right")
+    card_mib = card_gib * GiB / MiB
+    ax.axhline(card_mib, color="black", linestyle="--", linewidth=1)
+    ax.text(-0.4, card_mib, f"{card_gib:g} GiB", va="bottom", ha="left")
     ax.set_ylabel("MiB")
-    ax.set_ylim(0, max(max(bottoms), card_gib * 1024) * 1.12)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return ax
+    ax.set_ylim(0, max(*bottoms, card_mib) * 1.1)
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------- real GPU
+
+
+def real_cpu_peaks(
+    model_config: ModelConfig,
+    micro_batch: int,
+    precision: str = "no",
+    tie: bool | None = None,
+    checkpointing: bool | None = None,
+    optimizer: str = "foreach",
+) -> dict[str, int]:
+    """Run the same two steps for real on this CPU; the CPU allocator's peak in each phase of
+    the 2nd step (bytes), from ``torch.profiler`` with ``profile_memory=True``.
+
+    The reference that ``measure_step(..., target="cpu")`` is tested against. Real arithmetic:
+    use a small model.
+    """
+    import torch._C._profiler as _prof
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    _check_options(micro_batch, precision, optimizer, "cpu")
+    cfg = dataclasses.replace(
+        model_config,
+        tie_embeddings=model_config.tie_embeddings if tie is None else bool(tie),
+        gradient_checkpointing=(
+            model_config.gradient_checkpointing if checkpointing is None else bool(checkpointing)
+        ),
+    )
+    open_ranges: list[record_function] = []
+
+    def on_phase(step: int, phase: str) -> None:
+        while open_ranges:
+            open_ranges.pop().__exit__(None, None, None)
+        if step == 1:
+            open_ranges.append(record_function(f"lowvram.measured:{phase}"))
+            open_ranges[-1].__enter__()
+
+    torch.manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = GPTModel(cfg)
+        opt = _make_optimizer(model, optimizer)
+        batch = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.block_size + 1))
+        _run_steps(
+            model, opt, batch, precision=precision, device_type="cpu", cuda_loss=False,
+            keep_logits=True, max_grad_norm=1.0, foreach_clip=False, on_phase=on_phase,
+        )
+    events: list[tuple[int, int, int]] = []  # (time, total allocated after it, its size)
+    windows: dict[str, tuple[int, int]] = {}
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        fields = node.extra_fields
+        if isinstance(fields, _prof._ExtraFields_Allocation):
+            events.append((node.start_time_ns, fields.total_allocated, fields.alloc_size))
+        elif node.name.startswith("lowvram.measured:"):
+            windows[node.name.split(":")[1]] = (node.start_time_ns, node.end_time_ns)
+        stack.extend(node.children)
+    # The reporter's total is process-wide: storages from an earlier profiled run that died
+    # after it stopped are still counted. What was live before is the first event's total
+    # minus its own size.
+    events.sort()
+    before = events[0][1] - events[0][2]
+    return {
+        phase: max(total for t, total, _ in events if start <= t <= end) - before
+        for phase, (start, end) in sorted(windows.items(), key=lambda kv: PHASES.index(kv[0]))
+    }
 
 
 def verify_gpu(

@@ -11,8 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch._C._profiler as _profiler
-from torch.profiler import ProfilerActivity, profile, record_function
 
 from lowvram import memory
 from lowvram.config import ModelConfig, get_preset
@@ -35,54 +33,6 @@ CFG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)
 V_C = CFG.vocab_size * CFG.n_embd  # elements in the token embedding (and in an untied lm head)
 
 
-def _real_cpu_step_peaks(cfg: ModelConfig, micro_batch: int, precision: str, optimizer: str) -> dict[str, int]:
-    """Run two real (not fake) steps on CPU under torch.profiler; the CPU allocator's peak of
-    live bytes in each phase of the 2nd step."""
-    torch.manual_seed(0)
-    ranges: dict[str, record_function] = {}
-
-    def on_phase(step: int, phase: str) -> None:
-        for rf in ranges.values():
-            rf.__exit__(None, None, None)
-        ranges.clear()
-        if step == 1:
-            ranges[phase] = record_function(f"measured:{phase}")
-            ranges[phase].__enter__()
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = GPTModel(cfg)
-        opt = memory._make_optimizer(model, optimizer)
-        batch = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.block_size + 1))
-        memory._run_steps(
-            model, opt, batch, precision=precision, device_type="cpu", cuda_loss=False,
-            keep_logits=True, max_grad_norm=1.0, foreach_clip=False, on_phase=on_phase,
-        )
-    # (time, bytes allocated in total after the event, bytes of the event)
-    allocations: list[tuple[int, int, int]] = []
-    windows: dict[str, tuple[int, int]] = {}
-
-    def walk(node: _profiler._ProfilerEvent) -> None:
-        if isinstance(node.extra_fields, _profiler._ExtraFields_Allocation):
-            fields = node.extra_fields
-            allocations.append((node.start_time_ns, fields.total_allocated, fields.alloc_size))
-        elif node.name.startswith("measured:"):
-            windows[node.name.split(":")[1]] = (node.start_time_ns, node.end_time_ns)
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    # The reporter's total is process-wide: storages of an earlier session that died after it
-    # stopped are still counted. What was live before this session is the first event's total
-    # minus its own size.
-    allocations.sort()
-    before = allocations[0][1] - allocations[0][2]
-    return {
-        phase: max(total for t, total, _ in allocations if start <= t <= end) - before
-        for phase, (start, end) in windows.items()
-    }
-
-
 @pytest.mark.parametrize(
     ("precision", "optimizer", "changes"),
     [
@@ -94,7 +44,8 @@ def _real_cpu_step_peaks(cfg: ModelConfig, micro_batch: int, precision: str, opt
 )
 def test_tracker_peak_equals_real_cpu_allocator(precision: str, optimizer: str, changes: dict) -> None:
     cfg = dataclasses.replace(CFG, **changes)
-    real = _real_cpu_step_peaks(cfg, 4, precision, optimizer)
+    real = memory.real_cpu_peaks(cfg, 4, precision, optimizer=optimizer)
+    assert list(real) == ["forward", "backward", "optimizer"]
     report = measure_step(cfg, 4, precision, optimizer=optimizer, target="cpu")
     assert report.peak_bytes == pytest.approx(max(real.values()), rel=0.01)
     for phase in ("forward", "backward", "optimizer"):
@@ -306,7 +257,9 @@ def test_plot_budget_stacks_every_part_under_the_card_line() -> None:
     import matplotlib.pyplot as plt
 
     reports = [measure_step(CFG, 4, "no"), measure_step(CFG, 4, "fp16")]
-    ax = memory.plot_budget(reports, ["fp32", "fp16"], card_gib=0.5)
+    fig = memory.plot_budget(reports, ["fp32", "fp16"], card_gib=0.5, lang="az")
+    (ax,) = fig.axes
+    assert "Adam vəziyyəti" in [t.get_text() for t in ax.get_legend().get_texts()]
     tops = [0.0, 0.0]
     for container in ax.containers:
         for i, bar in enumerate(container):
