@@ -59,9 +59,10 @@ import json
 import math
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -110,7 +111,7 @@ PHASES = ("forward", "backward", "optimizer")
 COMPONENTS = (
     "params",  # the fp32 weights
     "grads",  # fp32 gradients, one per parameter (those already computed at the peak)
-    "optimizer_state",  # AdamW's exp_avg and exp_avg_sq (+ a step counter per parameter)
+    "optimizer_state",  # AdamW's exp_avg and exp_avg_sq (+ step counters: on a GPU only if fused)
     "activations",  # what forward keeps for backward, the logits and the batch
     "temporaries",  # everything else: backward intermediates, optimizer scratch
     "cublas_workspace",  # CUDA only: cuBLAS's workspace, kept after the first matmul
@@ -167,15 +168,15 @@ class MemoryReport:
     grads_bytes: int
     optimizer_state_bytes: int
     activations_bytes: int
-    activations_detail: dict[str, int] = field(repr=False)  # ACTIVATION_PARTS -> bytes
+    activations_detail: Mapping[str, int] = field(repr=False)  # ACTIVATION_PARTS -> bytes
     temporaries_bytes: int
     peak_bytes: int  # target "cuda": torch.cuda.max_memory_allocated() of the 2nd step
     peak_phase: str  # "forward", "backward" or "optimizer"
     peak_op: str  # the ATen op whose output reached the peak, e.g. "_foreach_sqrt"
-    at_peak: dict[str, int] = field(repr=False)
-    phase_peaks: dict[str, int] = field(repr=False)
+    at_peak: Mapping[str, int] = field(repr=False)
+    phase_peaks: Mapping[str, int] = field(repr=False)
     reserved_bytes: int  # target "cuda": simulated torch.cuda.max_memory_reserved()
-    overheads: dict[str, int] = field(repr=False)  # outside max_memory_allocated
+    overheads: Mapping[str, int] = field(repr=False)  # outside max_memory_allocated
 
     @property
     def tie(self) -> bool:
@@ -624,7 +625,8 @@ def measure_step(
     max_grad_norm: float | None = 1.0,
     cuda_capability: tuple[int, int] = RTX2050_CAPABILITY,
 ) -> MemoryReport:
-    """Measure the 2nd training step of ``GPTModel(model_config)`` with AdamW, in seconds, on CPU.
+    """Measure the 2nd training step of ``GPTModel(model_config)`` with AdamW (no GPU needed;
+    about a second for the 134M-parameter seed model, since fake tensors do no arithmetic).
 
     Args:
         model_config: the model's shape; each sequence has ``block_size`` tokens.
@@ -740,15 +742,15 @@ def _measure_cached(
         grads_bytes=sum(seen["grads"].values()),
         optimizer_state_bytes=sum(seen["state"].values()),
         activations_bytes=sum(seen["activations"].values()),
-        activations_detail=seen["activations"],
+        activations_detail=MappingProxyType(seen["activations"]),
         temporaries_bytes=at_peak["temporaries"],
         peak_bytes=tracker.peak,
         peak_phase=tracker.peak_phase,
         peak_op=tracker.peak_op,
-        at_peak=at_peak,
-        phase_peaks={p: tracker.phase_peaks.get(p, 0) for p in PHASES},
+        at_peak=MappingProxyType(at_peak),
+        phase_peaks=MappingProxyType({p: tracker.phase_peaks.get(p, 0) for p in PHASES}),
         reserved_bytes=reserved,
-        overheads=overheads if cuda else {},
+        overheads=MappingProxyType(overheads if cuda else {}),
     )
 
 
@@ -1189,9 +1191,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    model_cfg, train_cfg = get_preset(args.preset)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        model_cfg, train_cfg = get_preset(args.preset)
+    except ValueError as err:
+        parser.error(str(err))
     micro = args.micro_batch if args.micro_batch is not None else train_cfg.per_device_train_batch_size
+    if micro < 1:
+        parser.error(f"--micro-batch {micro} is not allowed: give a positive number of sequences")
+    if not args.card_gib > 0:
+        parser.error(f"--card-gib {args.card_gib:g} is not allowed: give the card's memory in GiB, e.g. 4")
     options = dict(
         precision=args.precision, tie=args.tie or None, checkpointing=args.checkpointing or None,
         optimizer=args.optimizer,

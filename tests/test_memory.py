@@ -297,9 +297,20 @@ def test_verify_gpu_without_cuda_says_why(capsys: pytest.CaptureFixture[str]) ->
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, message in (
+        (["--preset", "gpt5"], "preset='gpt5' is unknown"),
+        (["--preset", "tiny", "--micro-batch", "0"], "--micro-batch 0 is not allowed"),
+        (["--preset", "tiny", "--card-gib", "-1"], "--card-gib -1 is not allowed"),
+    ):
+        with pytest.raises(SystemExit):
+            memory.main(argv)
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["no", "fp16"])
 def test_verify_gpu_estimate_is_within_10_percent(precision: str) -> None:
-    result = memory.verify_gpu(get_preset("cpu-demo")[0], 8, precision)
+    result = memory.verify_gpu(get_preset("rtx2050")[0], 4, precision)
     assert result["estimated_allocated"] == pytest.approx(result["max_memory_allocated"], rel=0.10)
