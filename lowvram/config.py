@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from lowvram._display import MarkdownTable
+
 __all__ = [
     "PRECISIONS",
     "PRESETS",
@@ -242,7 +244,9 @@ _REASONS = {
 }
 
 
-def config_table(model: ModelConfig, train: TrainConfig, num_processes: int = 1) -> str:
+def config_table(
+    model: ModelConfig, train: TrainConfig, num_processes: int = 1
+) -> MarkdownTable:
     """Render the configuration as the seed's Markdown table (Parametr | Dəyər | Məntiqi Əsas)."""
     per_device = train.per_device_train_batch_size
     accum = train.gradient_accumulation_steps
@@ -271,4 +275,4 @@ def config_table(model: ModelConfig, train: TrainConfig, num_processes: int = 1)
     ]
     lines = ["| Parametr | Dəyər | Məntiqi Əsas |", "| :--- | :--- | :--- |"]
     lines += [f"| {p} | {v} | {r} |" for p, v, r in rows]
-    return "\n".join(lines)
+    return MarkdownTable("\n".join(lines))

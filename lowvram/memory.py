@@ -70,6 +70,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from lowvram._display import MarkdownTable
 from lowvram.config import PRECISIONS, ModelConfig, get_preset
 from lowvram.model import GPTModel
 
@@ -908,10 +909,10 @@ _HEADERS = {
 _YES_NO = {"en": ("yes", "no"), "az": ("bəli", "xeyr")}
 
 
-def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> MarkdownTable:
     lines = ["| " + " | ".join(headers) + " |", "| :--- |" + " ---: |" * (len(headers) - 1)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return MarkdownTable("\n".join(lines))
 
 
 def _check_lang(lang: str) -> None:
@@ -919,7 +920,7 @@ def _check_lang(lang: str) -> None:
         raise ValueError(f"lang={lang!r} is not allowed: lang must be 'en' or 'az'")
 
 
-def plan_table(rows: Sequence[PlanRow], lang: str = "en") -> str:
+def plan_table(rows: Sequence[PlanRow], lang: str = "en") -> MarkdownTable:
     """The planner's rows as a Markdown table (``lang="az"``: Azerbaijani headers)."""
     _check_lang(lang)
     body = []
@@ -934,7 +935,9 @@ def plan_table(rows: Sequence[PlanRow], lang: str = "en") -> str:
     return _markdown(_HEADERS["plan"][lang], body)
 
 
-def ablation_table(rows: Sequence[AblationRow], card_gib: float = 4.0, lang: str = "en") -> str:
+def ablation_table(
+    rows: Sequence[AblationRow], card_gib: float = 4.0, lang: str = "en"
+) -> MarkdownTable:
     """The ablation's rows as a Markdown table (``lang="az"``: Azerbaijani headers)."""
     _check_lang(lang)
     yes, no = _YES_NO[lang]

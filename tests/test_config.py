@@ -105,3 +105,10 @@ def test_config_table_has_seed_columns_and_values():
     assert "`32` (4 * 4 * 2)" in config_table(*get_preset("rtx2050"), num_processes=2)
     # every row carries a reason
     assert all(row.count("|") == 4 and row.split("|")[3].strip() for row in lines[2:])
+
+
+def test_config_table_shows_its_text_to_nbval():
+    # nbval compares text/plain: the table's own text must be there, not an object repr
+    table = config_table(*get_preset("rtx2050"))
+    assert repr(table) == str(table)
+    assert table._repr_markdown_() == str(table)
