@@ -1,0 +1,786 @@
+"""Benchmarks of lowvram, measured side by side in one run; ``make bench`` writes them to the README.
+
+From a shell (``make bench`` runs the second line)::
+
+    python -m lowvram.bench                  # a table on stdout (progress on stderr)
+    python -m lowvram.bench --write-readme   # ... and the README's Performance section
+    python -m lowvram.bench --json           # JSON on stdout, the table on stderr
+    python -m lowvram.bench --quick          # without the notebooks (the slowest part)
+
+From Python (``tiny_plan()`` runs in seconds; what the tests use)::
+
+    from lowvram.bench import default_plan, run_all, format_table
+    results = run_all(default_plan(), notebooks=False)
+    print(format_table(results))
+
+What is measured. Absolute times on a shared machine are noise, so each figure that has a goal
+is a ratio of two things measured next to each other:
+
+1. **Loop overhead.** ``lowvram.train.train`` against a hand-written nanoGPT-style PyTorch loop
+   (forward, ``(loss / accum).backward()``, clip when the gradients are complete, AdamW step,
+   ``zero_grad``) on the same model, data, precision, threads and accumulation. The two alternate
+   step by step in one process: at each optimizer step, lowvram's ``_grad_hook`` runs one step of
+   the plain loop and one reference matmul (ABAB...). A step is the time between two consecutive
+   moments when the gradients are complete, so it covers everything a step does: the
+   micro-batches, clipping, the optimizer, and in lowvram's loop also accelerate's wrappers, the
+   loss/token reduction, the ``.item()`` calls and the history record. Goal: lowvram / plain <= 1.05.
+2. **CPU efficiency.** Training FLOP/s from the same step times, divided by this machine's fp32
+   matmul FLOP/s (``torch.mm`` of two 2048 x 2048 matrices) timed next to each step.
+   Training FLOPs per token = 6 N + 12 n_layer n_embd T (nanoGPT's / PaLM's estimate; N counts
+   the parameters used in matmuls: all but the token and position embeddings, which are lookups;
+   a tied head counts once; the attention term counts the full T x T, as nanoGPT does).
+   A profiled step says how much of the time the matmuls take. Goal: >= 0.70 on the mid-size model.
+3. **Memory planner.** ``lowvram.memory.measure_step`` on the rtx2050 config (fp32, CUDA target):
+   its run time, and its CPU-target peak against the real CPU allocator (``real_cpu_peaks``) on
+   a model small enough to train for real. Goals (issue 5): <= 5 s, within 1 %.
+4. **Notebooks.** ``pytest --nbval`` of each numbered notebook, one subprocess each.
+5. **Import cost.** ``import lowvram`` and ``import lowvram.train`` on top of torch + accelerate in
+   a fresh interpreter, and whether transformers was imported (it should be only when the LR
+   schedule is built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowvram.config import ModelConfig, TrainConfig, get_preset
+
+__all__ = [
+    "README_END",
+    "README_START",
+    "BenchPlan",
+    "LoopSpec",
+    "default_plan",
+    "format_table",
+    "import_cost",
+    "loop_comparison",
+    "machine_info",
+    "main",
+    "matmul_flops",
+    "notebook_times",
+    "planner_bench",
+    "readme_section",
+    "run_all",
+    "step_breakdown",
+    "tiny_plan",
+    "training_flops_per_token",
+    "write_readme",
+]
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+REPO = Path(__file__).resolve().parents[1]
+
+# The mid-size model of the efficiency goal: nanoGPT's "baby GPT" shape (6 x 6 x 384, block 256).
+MID_MODEL = ModelConfig(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384)
+
+
+# --------------------------------------------------------------------------- what to run
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """One loop comparison: a model, a loop config, and how many optimizer steps to time."""
+
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    steps: int  # optimizer steps timed (each loop)
+    skip: int = 1  # steps dropped first: AdamW creates its state in the 1st; warm caches
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What the benchmark runs and how often (the repetition counts the README states)."""
+
+    loops: tuple[LoopSpec, ...]  # the last one is the efficiency goal's (mid-size) model
+    matmul_n: int = 2048  # the reference matmul: (n x n) @ (n x n), fp32, once per step
+    planner_model: ModelConfig = get_preset("rtx2050")[0]
+    planner_micro_batch: int = 4
+    planner_repeats: int = 3  # measure_step runs, its cache cleared each time
+    real_model: ModelConfig = get_preset("cpu-demo")[0]  # small enough for real_cpu_peaks
+    real_micro_batch: int = 4
+    import_repeats: int = 3  # fresh interpreters
+    notebook_glob: str = "notebooks/[0-9]*.ipynb"  # the numbered lesson notebooks
+    name: str = "default"
+
+
+def default_plan() -> BenchPlan:
+    """The plan of ``make bench``: about 2-4 minutes on 2 cores, plus the notebooks."""
+    demo_model, demo_train = get_preset("cpu-demo")  # batch 4 x accumulation 4, fp32
+    mid_train = demo_train.replace(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    return BenchPlan(
+        loops=(
+            LoopSpec("cpu-demo", demo_model, demo_train, steps=30, skip=2),
+            LoopSpec("mid-size", MID_MODEL, mid_train, steps=8, skip=1),
+        ),
+    )
+
+
+def tiny_plan() -> BenchPlan:
+    """Every part on the tiny preset, in seconds (for tests; the numbers mean nothing)."""
+    model, train = get_preset("tiny")
+    return BenchPlan(
+        loops=(LoopSpec("tiny", model, train, steps=3, skip=1),),
+        matmul_n=128,
+        planner_model=model,
+        planner_repeats=1,
+        real_model=model,
+        import_repeats=1,
+        name="tiny",
+    )
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def training_flops_per_token(model_config: ModelConfig) -> tuple[int, int]:
+    """(N, training FLOPs per token) with FLOPs per token = 6 N + 12 n_layer n_embd block_size.
+
+    N counts the parameters that take part in matmuls: all but the token and position
+    embeddings (lookups); a tied head is the token embedding, counted once.
+    """
+    from lowvram.model import GPTModel
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = GPTModel(model_config)
+    skip = {"wpe.weight"} | (set() if model_config.tie_embeddings else {"wte.weight"})
+    n = sum(p.numel() for name, p in model.named_parameters() if name not in skip)
+    attention = 12 * model_config.n_layer * model_config.n_embd * model_config.block_size
+    return n, 6 * n + attention
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOP/s of ``torch.mm`` of two (n x n) matrices: the median of ``repeats`` runs."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm up the BLAS
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+# --------------------------------------------------------------------------- the two loops
+
+
+def _random_rows(model_config: ModelConfig, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model_config.vocab_size, (n, model_config.block_size + 1), generator=g)
+
+
+def _plain_loop(
+    model_config: ModelConfig, train_config: TrainConfig, total_steps: int,
+    train_data: torch.Tensor, val_data: torch.Tensor,
+) -> Iterator[None]:
+    """A hand-written nanoGPT-style loop doing lowvram's work, one optimizer step per ``next``.
+
+    The first ``next`` builds everything; the second runs the first step's micro-batches; each
+    later one finishes the previous step (clip, AdamW, zero_grad) and runs the next step's
+    micro-batches, so it yields where lowvram's ``_grad_hook`` runs: gradients complete.
+    """
+    from lowvram.data import build_dataloaders
+    from lowvram.model import GPTModel
+    from lowvram.train import resolve_precision
+
+    tc = train_config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        precision, _ = resolve_precision(tc.mixed_precision, torch.device("cpu"))
+    torch.manual_seed(tc.seed)
+    model = GPTModel(model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.max_lr, weight_decay=tc.weight_decay)
+    train_loader, _ = build_dataloaders(
+        train_data, val_data, tc.per_device_train_batch_size, drop_last=True, seed=tc.seed
+    )
+    accum = tc.gradient_accumulation_steps
+    warmup = int(total_steps * tc.warmup_ratio)
+
+    def get_lr(it: int) -> float:  # linear warmup, then linear decay to 0
+        if it < warmup:
+            return tc.max_lr * it / warmup
+        return tc.max_lr * max(0.0, (total_steps - it) / max(1, total_steps - warmup))
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    batches = iter(train_loader)
+    model.train()
+    yield
+    for step in range(total_steps):
+        if step > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step - 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can
+        for _ in range(accum):
+            (rows,) = next(batches)
+            X, Y = rows[:, :-1], rows[:, 1:]
+            with autocast:
+                logits, loss = model(X, Y)
+            (loss / accum).backward()
+        yield
+
+
+def loop_comparison(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    steps: int,
+    skip: int = 1,
+    matmul_n: int = 2048,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
+    """lowvram's loop and the plain loop, step by step in turn, with a matmul between them.
+
+    One ``lowvram.train.train`` run; at each optimizer step its ``_grad_hook`` runs one step of
+    the plain loop (:func:`_plain_loop`) and one fp32 ``torch.mm`` of two ``matmul_n`` squares,
+    in alternating order. So step k of lowvram, step k of the plain loop and the k-th matmul run
+    next to each other in time, and load from other jobs hits all three alike. A lowvram step is
+    the time from the end of one hook to the start of the next. The first ``skip`` steps are
+    dropped (AdamW creates its state lazily; warm caches).
+
+    Returns the median step time of each loop, the median of the per-step ratios lowvram /
+    plain, training FLOP/s and their median per-step ratio to the matmul FLOP/s, and the raw times.
+    """
+    from lowvram.train import train
+
+    if steps < 1 or skip < 0:
+        raise ValueError(f"steps={steps}, skip={skip}: need steps >= 1 and skip >= 0")
+    n_matmul, per_token = training_flops_per_token(model_config)
+    tokens = train_config.effective_batch_size * model_config.block_size
+    flops_per_step = per_token * tokens
+    total = steps + skip + 1  # hooks; the intervals between them are the steps
+    # one spare window: no epoch end (with its evaluation and checkpoint) among the timed steps
+    train_data = _random_rows(model_config, (total + 1) * train_config.effective_batch_size, 0)
+    val_data = _random_rows(model_config, train_config.per_device_eval_batch_size, seed=1)
+    plain = _plain_loop(model_config, train_config, total, train_data, val_data)
+    next(plain)
+    a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
+    torch.mm(a, b)  # warm up the BLAS
+    enters: list[float] = []
+    exits: list[float] = []
+    plain_s: list[float] = []
+    matmul_s: list[float] = []
+
+    def run_plain() -> None:
+        t0 = time.perf_counter()
+        next(plain)
+        plain_s.append(time.perf_counter() - t0)
+
+    def run_matmul() -> None:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        matmul_s.append(time.perf_counter() - t0)
+
+    def hook(model: torch.nn.Module) -> None:
+        enters.append(time.perf_counter())
+        first, second = (run_plain, run_matmul) if len(enters) % 2 else (run_matmul, run_plain)
+        first()
+        second()
+        exits.append(time.perf_counter())
+        if len(enters) > skip + 1:
+            log(f"  step {len(enters) - 1 - skip}/{steps}: lowvram {enters[-1] - exits[-2]:.4f} s, "
+                f"plain {plain_s[-1]:.4f} s, matmul {matmul_s[-1] * 1e3:.1f} ms")
+
+    with tempfile.TemporaryDirectory() as out:
+        tc = train_config.replace(
+            max_steps=total, eval_interval=0, checkpoint_interval=0, eval_max_batches=1,
+            log_interval=10**6, output_dir=out,
+        )
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(model_config, tc, train_data=train_data, val_data=val_data, progress=False,
+                  cpu=True, _grad_hook=hook)
+    plain.close()
+    if len(enters) != total:
+        raise RuntimeError(f"lowvram.train ran {len(enters)} optimizer steps, the benchmark expected {total}")
+    # step k of lowvram runs between hooks k and k+1; the plain step and the matmul of hook k+1
+    lowvram_s = [enters[k + 1] - exits[k] for k in range(total - 1)][skip:]
+    plain_s, matmul_s = plain_s[1:][skip:], matmul_s[1:][skip:]
+    peak = [2 * matmul_n**3 / t for t in matmul_s]
+    result: dict[str, Any] = {
+        "model": dataclasses.asdict(model_config),
+        "per_device_train_batch_size": train_config.per_device_train_batch_size,
+        "gradient_accumulation_steps": train_config.gradient_accumulation_steps,
+        "precision": train_config.mixed_precision,
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "skipped": skip,
+        "matmul_n": matmul_n,
+        "matmul_params": n_matmul,
+        "tokens_per_step": tokens,
+        "flops_per_token": per_token,
+        "flops_per_step": flops_per_step,
+        "matmul_flops": statistics.median(peak),
+        "ratio": statistics.median(lv / pl for lv, pl in zip(lowvram_s, plain_s, strict=True)),
+        "lowvram_s": lowvram_s,
+        "plain_s": plain_s,
+        "matmul_s": matmul_s,
+    }
+    for loop, times in (("lowvram", lowvram_s), ("plain", plain_s)):
+        result[f"{loop}_median_s"] = statistics.median(times)
+        result[f"{loop}_flops"] = flops_per_step / statistics.median(times)
+        result[f"{loop}_efficiency"] = statistics.median(
+            flops_per_step / t / p for t, p in zip(times, peak, strict=True)
+        )
+    return result
+
+
+def step_breakdown(
+    model_config: ModelConfig, train_config: TrainConfig, matmul_n: int = 2048
+) -> dict[str, float]:
+    """Where one profiled optimizer step of the plain loop spends its time (after 2 steps).
+
+    Shares of the self CPU time: ``matmul`` (mm/addmm/bmm), ``attention`` (the SDPA kernels),
+    ``optimizer`` (AdamW's step), ``other`` (LayerNorm, GELU, softmax, cross-entropy, clipping,
+    copies, ...). ``matmul_efficiency``: the FLOP/s of those matmuls (6 N per token) over an
+    fp32 ``torch.mm`` of two ``matmul_n`` squares timed right after (profiler overhead included).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    total_steps = 3
+    tc = train_config
+    rows = _random_rows(model_config, (total_steps + 1) * tc.effective_batch_size, seed=2)
+    plain = _plain_loop(model_config, tc, total_steps + 1, rows, rows[: tc.per_device_eval_batch_size])
+    for _ in range(total_steps):  # build, then steps 1 and 2 (AdamW's state exists afterwards)
+        next(plain)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        next(plain)  # step 2's optimizer update, then step 3's micro-batches
+    plain.close()
+    matmul = matmul_flops(matmul_n, repeats=3)
+    seconds = dict.fromkeys(("matmul", "attention", "optimizer", "other"), 0.0)
+    total = 0.0
+    for event in prof.key_averages():
+        if event.key.startswith("Optimizer.step"):  # a range: its ops are counted below too
+            seconds["optimizer"] += event.cpu_time_total
+            continue
+        total += event.self_cpu_time_total
+        if event.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+            seconds["matmul"] += event.self_cpu_time_total
+        elif "scaled_dot_product" in event.key:
+            seconds["attention"] += event.self_cpu_time_total
+    seconds["other"] = total - seconds["matmul"] - seconds["attention"] - seconds["optimizer"]
+    n_matmul, _ = training_flops_per_token(model_config)
+    tokens = tc.effective_batch_size * model_config.block_size
+    shares = {k: v / total for k, v in seconds.items()}
+    shares["matmul_efficiency"] = 6 * n_matmul * tokens / (seconds["matmul"] * 1e-6) / matmul
+    return shares
+
+
+# --------------------------------------------------------------------------- planner
+
+
+def planner_bench(
+    planner_model: ModelConfig,
+    micro_batch: int,
+    real_model: ModelConfig,
+    real_micro_batch: int,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Run time of ``measure_step(planner_model, fp32, target="cuda")`` (cache cleared each
+    time) and the CPU-target peak's relative error against the real CPU allocator."""
+    from lowvram import memory
+
+    times = []
+    for _ in range(repeats):
+        memory._measure_cached.cache_clear()  # measure_step memoises its reports
+        t0 = time.perf_counter()
+        report = memory.measure_step(planner_model, micro_batch, "no", target="cuda")
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    real = memory.real_cpu_peaks(real_model, real_micro_batch, "no")
+    real_s = time.perf_counter() - t0
+    estimate = memory.measure_step(real_model, real_micro_batch, "no", target="cpu")
+    real_peak = max(real.values())
+    return {
+        "planner_model": dataclasses.asdict(planner_model),
+        "planner_micro_batch": micro_batch,
+        "planner_parameters": report.num_parameters,
+        "planner_peak_bytes": report.peak_bytes,
+        "planner_times_s": times,
+        "planner_first_s": times[0],
+        "planner_median_s": statistics.median(times),
+        "real_model": dataclasses.asdict(real_model),
+        "real_micro_batch": real_micro_batch,
+        "real_peak_bytes": real_peak,
+        "estimated_peak_bytes": estimate.peak_bytes,
+        "relative_error": (estimate.peak_bytes - real_peak) / real_peak,
+        "real_run_s": real_s,
+    }
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+_IMPORT_PROBE = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, accelerate
+t1 = time.perf_counter()
+import lowvram
+t2 = time.perf_counter()
+import lowvram.train
+t3 = time.perf_counter()
+after_train = "transformers" in sys.modules
+lowvram.train.lr_schedule(1, 2, 1e-3)
+t4 = time.perf_counter()
+print(json.dumps({"torch_accelerate_s": t1 - t0, "lowvram_s": t2 - t1, "lowvram_train_s": t3 - t2,
+                  "schedule_s": t4 - t3, "transformers_after_import": after_train,
+                  "transformers_after_schedule": "transformers" in sys.modules}))
+"""
+
+
+def import_cost(repeats: int = 3) -> dict[str, Any]:
+    """Import times in ``repeats`` fresh interpreters (medians), and when transformers comes in.
+
+    ``lowvram_s``: ``import lowvram`` after torch + accelerate; ``lowvram_train_s``: then
+    ``import lowvram.train``; ``schedule_s``: then building the LR schedule (imports transformers).
+    """
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True,
+            cwd=REPO,
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    result: dict[str, Any] = {"repeats": repeats}
+    for key in ("torch_accelerate_s", "lowvram_s", "lowvram_train_s", "schedule_s"):
+        result[key] = statistics.median(r[key] for r in runs)
+    result["transformers_after_import"] = any(r["transformers_after_import"] for r in runs)
+    result["transformers_after_schedule"] = all(r["transformers_after_schedule"] for r in runs)
+    return result
+
+
+# nbval's kernel settings, as in the Makefile's NB_ENV
+_NB_ENV = {"PYTHONHASHSEED": "0", "TQDM_MININTERVAL": "1000"}
+
+
+def notebook_times(
+    notebooks: Sequence[str | Path],
+    sanitize: str | Path = REPO / "notebooks" / "sanitize.cfg",
+    timeout: float = 1800,
+    log: Callable[[str], None] = lambda msg: None,
+) -> list[dict[str, Any]]:
+    """Seconds to validate each notebook with strict nbval, one pytest subprocess each."""
+    results = []
+    for nb in notebooks:
+        nb = Path(nb)
+        if not nb.is_file():
+            raise FileNotFoundError(f"notebook {str(nb)!r} does not exist: pass existing .ipynb files")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
+               "--nbval-current-env", "--nbval-sanitize-with", str(sanitize), str(nb)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  cwd=REPO, env={**os.environ, **_NB_ENV})
+            rc, tail = proc.returncode, proc.stdout.strip().splitlines()[-1:]
+        except subprocess.TimeoutExpired:
+            rc, tail = None, [f"timed out after {timeout:.0f} s"]
+        seconds = time.perf_counter() - t0
+        results.append({"notebook": nb.name, "seconds": seconds, "passed": rc == 0,
+                        "summary": tail[0] if tail else ""})
+        log(f"  {nb.name}: {seconds:.1f} s, {'passed' if rc == 0 else 'FAILED'}")
+    return results
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine facts the README states next to the numbers."""
+    import accelerate
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run_all(
+    plan: BenchPlan | None = None,
+    *,
+    notebooks: bool = True,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
+    """Run every benchmark of ``plan`` (default: ``default_plan()``); return the results."""
+    plan = default_plan() if plan is None else plan
+    if not plan.loops:
+        raise ValueError("plan.loops is empty: give at least one LoopSpec")
+    t_start = time.perf_counter()
+    started = dt.datetime.now(dt.timezone.utc)
+    results: dict[str, Any] = {
+        "plan": plan.name, "machine": machine_info(), "matmul_n": plan.matmul_n,
+    }
+
+    log("import cost (fresh interpreters)")
+    results["imports"] = import_cost(plan.import_repeats)
+
+    results["loops"] = {}
+    for spec in plan.loops:
+        log(f"loop overhead and FLOP/s: {spec.name} ({spec.steps} steps + {spec.skip} dropped)")
+        results["loops"][spec.name] = loop_comparison(
+            spec.model, spec.train, steps=spec.steps, skip=spec.skip, matmul_n=plan.matmul_n, log=log
+        )
+    spec = plan.loops[-1]
+    log(f"profiled step: {spec.name}")
+    results["breakdown"] = {
+        "config": spec.name, **step_breakdown(spec.model, spec.train, plan.matmul_n)
+    }
+
+    log("memory planner")
+    results["planner"] = planner_bench(plan.planner_model, plan.planner_micro_batch,
+                                       plan.real_model, plan.real_micro_batch, plan.planner_repeats)
+
+    if notebooks:
+        log("notebooks (nbval)")
+        paths = sorted(REPO.glob(plan.notebook_glob))
+        results["notebooks"] = notebook_times(paths, log=log)
+    else:
+        results["notebooks"] = None
+
+    results["machine"]["load_average_end"] = (
+        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    )
+    results["started_utc"] = started.strftime("%Y-%m-%d %H:%M UTC")
+    results["total_s"] = time.perf_counter() - t_start
+    return results
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _shape(model: dict[str, Any]) -> str:
+    return (f"{model['n_layer']}x{model['n_embd']}, {model['n_head']} heads, block "
+            f"{model['block_size']}, vocab {model['vocab_size']}")
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as one Markdown table: figure, measured, goal, met."""
+    rows: list[tuple[str, str, str, str]] = []
+    loops = results["loops"]
+    eff_name = list(loops)[-1]
+    for name, r in loops.items():
+        setup = (f"{name} ({_shape(r['model'])}; batch {r['per_device_train_batch_size']} x accum "
+                 f"{r['gradient_accumulation_steps']}, {r['precision']}, {r['threads']} threads)")
+        rows.append((
+            f"Loop overhead, {setup}: median optimizer step, lowvram / plain PyTorch",
+            f"{r['lowvram_median_s'] * 1e3:.1f} ms / {r['plain_median_s'] * 1e3:.1f} ms = "
+            f"**{r['ratio']:.3f}** (median of {r['steps']} per-step ratios)",
+            "<= 1.05", _yes(r["ratio"] <= 1.05),
+        ))
+    for name, r in loops.items():
+        goal = name == eff_name
+        rows.append((
+            f"CPU efficiency, {name} ({r['flops_per_step'] / 1e9:.1f} GFLOP per step): training "
+            "FLOP/s / fp32 matmul FLOP/s",
+            f"lowvram {r['lowvram_flops'] / 1e9:.1f} GFLOP/s / matmul {r['matmul_flops'] / 1e9:.1f} "
+            f"GFLOP/s: **{r['lowvram_efficiency']:.2f}**; plain PyTorch {r['plain_flops'] / 1e9:.1f} "
+            f"GFLOP/s: {r['plain_efficiency']:.2f}",
+            ">= 0.70" if goal else "-", _yes(r["lowvram_efficiency"] >= 0.70) if goal else "-",
+        ))
+    b = results["breakdown"]
+    rows.append((
+        f"Where a step's time goes, {b['config']} (one profiled plain PyTorch step)",
+        f"matmuls {b['matmul']:.0%} (running at {b['matmul_efficiency']:.2f} of the reference "
+        f"matmul), attention {b['attention']:.0%}, AdamW {b['optimizer']:.0%}, the rest (LayerNorm, "
+        f"GELU, softmax, loss, clipping, copies) {b['other']:.0%}",
+        "-", "-",
+    ))
+    p = results["planner"]
+    rows.append((
+        f"Memory planner run time: `measure_step` of {_shape(p['planner_model'])} "
+        f"({p['planner_parameters'] / 1e6:.1f}M parameters; micro-batch {p['planner_micro_batch']}, "
+        "fp32, target cuda)",
+        f"**{p['planner_median_s']:.2f} s** (median of {len(p['planner_times_s'])}; first "
+        f"{p['planner_first_s']:.2f} s)",
+        "<= 5 s", _yes(p["planner_median_s"] <= 5),
+    ))
+    rows.append((
+        f"Memory planner error: CPU-target peak vs the real CPU allocator ({_shape(p['real_model'])}; "
+        f"micro-batch {p['real_micro_batch']}, fp32)",
+        f"{p['estimated_peak_bytes'] / 2**20:.2f} MiB vs {p['real_peak_bytes'] / 2**20:.2f} MiB: "
+        f"**{p['relative_error']:+.3%}**",
+        "within 1 %", _yes(abs(p["relative_error"]) <= 0.01),
+    ))
+    for nb in results["notebooks"] or []:
+        rows.append((
+            f"Notebook `{nb['notebook']}`: strict nbval",
+            f"{nb['seconds']:.1f} s, {'passed' if nb['passed'] else 'FAILED: ' + nb['summary']}",
+            "passes", _yes(nb["passed"]),
+        ))
+    imp = results["imports"]
+    rows.append((
+        "Import cost on top of torch + accelerate "
+        f"({imp['torch_accelerate_s']:.2f} s themselves; median of {imp['repeats']} fresh interpreters)",
+        f"`import lowvram` {imp['lowvram_s'] * 1e3:.0f} ms, then `import lowvram.train` "
+        f"+{imp['lowvram_train_s'] * 1e3:.0f} ms; building the LR schedule +{imp['schedule_s']:.2f} s",
+        "-", "-",
+    ))
+    rows.append((
+        "transformers imported by `import lowvram.train` / by building the schedule",
+        f"{'yes' if imp['transformers_after_import'] else 'no'} / "
+        f"{'yes' if imp['transformers_after_schedule'] else 'no'}",
+        "no / yes",
+        _yes(not imp["transformers_after_import"] and imp["transformers_after_schedule"]),
+    ))
+    lines = ["| Figure | Measured | Goal | Met |", "| :--- | :--- | :--- | :--- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def readme_section(results: dict[str, Any], command: str) -> str:
+    """The text between the README's markers: machine, date, command, table, method."""
+    m = results["machine"]
+    load = m["load_average"]
+    load_end = m.get("load_average_end")
+    loads = ""
+    if load:
+        loads = (f" Load average (1/5/15 min) {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at the "
+                 "start")
+        if load_end:
+            loads += f", {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f} at the end"
+        loads += (": other jobs shared these cores, which slows absolute times; the ratios are "
+                  "measured side by side and are less affected.")
+    loops = results["loops"]
+    counts = ", ".join(
+        f"{name}: {r['steps']} timed steps, {r['skipped']} dropped first" for name, r in loops.items()
+    )
+    params = ", ".join(f"{name} {r['matmul_params']:,}" for name, r in loops.items())
+    return "\n".join([
+        "Generated by `make bench`; do not edit by hand (it is rewritten on every run).",
+        "",
+        f"- **Command:** `{command}`, {results['started_utc']}, {results['total_s'] / 60:.1f} min in all.",
+        f"- **Machine:** {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
+        f"torch {m['torch']} ({m['torch_threads']} threads), accelerate {m['accelerate']}, Python "
+        f"{m['python']}, {m['platform']}.{loads}",
+        "",
+        format_table(results),
+        "",
+        "How these are measured (`lowvram/bench.py` has the details):",
+        "",
+        "- **Loop overhead.** `lowvram.train.train` against a hand-written nanoGPT-style loop "
+        "(forward, `(loss / accum).backward()`, clip once the gradients are complete, AdamW step, "
+        "`zero_grad`): same model, random data, precision, threads and accumulation. The two "
+        "alternate step by step in one process (lowvram's `_grad_hook` runs one plain step and one "
+        f"reference matmul, in alternating order; {counts}), so load from other jobs hits both "
+        "alike. A step runs from one moment the gradients are complete to the next, so lowvram's "
+        "includes accelerate's wrappers, the per-step loss/token reduction, its `.item()` calls "
+        "and the history record. The ratio is the median of the per-step ratios.",
+        "- **CPU efficiency.** Training FLOPs per token = 6 N + 12 n_layer n_embd T (N: parameters "
+        "used in matmuls, without the token and position embeddings; the T x T attention term "
+        f"in full; N = {params}), times tokens per step, per second; divided, step by step, by "
+        f"the FLOP/s of an fp32 `torch.mm` of two {results['matmul_n']} x {results['matmul_n']} "
+        "matrices timed next to that step; the median of those ratios.",
+        "- **Planner.** `lowvram.memory.measure_step` with its cache cleared each run; the error "
+        "compares its `target=\"cpu\"` peak with `real_cpu_peaks` (torch.profiler's allocator).",
+        "- **Notebooks.** `python -m pytest --nbval --nbval-current-env --nbval-sanitize-with "
+        "notebooks/sanitize.cfg notebooks/X.ipynb`, one subprocess per numbered notebook.",
+        "- **Imports.** Timed inside fresh interpreters: torch + accelerate first, then "
+        "`import lowvram`, then `import lowvram.train`, then `lowvram.train.lr_schedule(...)`.",
+    ])
+
+
+def write_readme(section: str, path: str | Path = REPO / "README.md") -> None:
+    """Replace the text between ``README_START`` and ``README_END`` in ``path`` with ``section``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"readme={str(path)!r} does not exist: pass the project's README.md")
+    text = path.read_text(encoding="utf-8")
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise ValueError(
+            f"{path} has {text.count(README_START)} {README_START!r} and {text.count(README_END)} "
+            f"{README_END!r} markers: it needs exactly one of each, start before end"
+        )
+    start = text.index(README_START) + len(README_START)
+    end = text.index(README_END)
+    if end < start:
+        raise ValueError(f"{path}: {README_END!r} comes before {README_START!r}: swap them")
+    path.write_text(text[:start] + "\n" + section.strip("\n") + "\n" + text[end:], encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lowvram.bench [--json] [--write-readme] [--quick] [--tiny]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lowvram.bench",
+        description="Benchmarks of lowvram, measured side by side in one run.",
+    )
+    parser.add_argument("--json", action="store_true",
+                        help="JSON on stdout (the table goes to stderr)")
+    parser.add_argument("--write-readme", action="store_true",
+                        help="rewrite the README's Performance section (between its bench markers)")
+    parser.add_argument("--readme", default=str(REPO / "README.md"), help="default: %(default)s")
+    parser.add_argument("--quick", action="store_true", help="skip the notebooks (the slowest part)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny configs, seconds in all (a smoke test: the numbers mean nothing)")
+    args = parser.parse_args(argv)
+    plan = tiny_plan() if args.tiny else default_plan()
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results = run_all(plan, notebooks=not args.quick, log=log)
+    table = format_table(results)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(results, indent=1))
+    else:
+        print(table)
+    if args.write_readme:
+        flags = [f"--{name.replace('_', '-')}" for name in ("json", "write_readme", "quick", "tiny")
+                 if getattr(args, name)]
+        command = " ".join(["python -m lowvram.bench", *flags])
+        write_readme(readme_section(results, command), args.readme)
+        log(f"wrote the Performance section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
