@@ -65,6 +65,7 @@ __all__ = [
     "VAL_FRACTION",
     "DataFiles",
     "build_dataloaders",
+    "check_rows",
     "decode",
     "ensure_corpus",
     "get_batch",
@@ -421,6 +422,54 @@ def _own_files(data_dir: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def check_rows(data: object, model_config: ModelConfig, name: str = "data") -> torch.Tensor:
+    """Check that ``data`` is rows of token ids for ``model_config``; return them as int64.
+
+    The one check of a split, whether it comes from a file (``load_split``) or is passed to
+    ``lowvram.train.train`` directly: a non-empty integer tensor ``[N, block_size + 1]`` with ids
+    in ``[0, vocab_size)``. Anything else is a ValueError that starts with ``name``.
+    """
+    if not isinstance(data, torch.Tensor):
+        hint = f" with keys {sorted(map(str, data))[:5]}" if isinstance(data, dict) else ""
+        raise ValueError(
+            f"{name} holds a {type(data).__name__}{hint}, not a tensor: save the LongTensor of "
+            f"rows itself, torch.save(rows, path), shape [N, block_size+1]"
+        )
+    data = data.detach()
+    if data.numel() == 0:
+        raise ValueError(
+            f"{name} holds an empty tensor (shape {list(data.shape)}): it needs at least one row of token ids"
+        )
+    if data.dtype not in _INTEGER_DTYPES:
+        raise ValueError(
+            f"{name} has dtype {data.dtype}, but token ids must be integers (torch.long); "
+            "save rows.long() (float tensors are embeddings or logits, not token ids)"
+        )
+    if data.dim() != 2:
+        raise ValueError(
+            f"{name} has rank {data.dim()} (shape {list(data.shape)}), but the rows must be 2-D "
+            f"[N, block_size+1]; cut a flat token stream t into rows with "
+            f"t[: n * {model_config.block_size + 1}].view(n, {model_config.block_size + 1})"
+        )
+    width, need = data.shape[1], model_config.block_size + 1
+    if width != need:
+        relation = "smaller" if width > need else "larger"
+        raise ValueError(
+            f"{name} has rows of {width} tokens, but block_size={model_config.block_size} needs "
+            f"rows of block_size+1={need}: block_size is {relation} than the data's rows allow "
+            f"({width - 1}). Set block_size={width - 1}, or rebuild the data for "
+            f"block_size={model_config.block_size}"
+        )
+    lo, hi = int(data.min()), int(data.max())
+    if lo < 0 or hi >= model_config.vocab_size:
+        raise ValueError(
+            f"{name} has token ids from {lo} to {hi}, but vocab_size={model_config.vocab_size} "
+            f"allows only 0..{model_config.vocab_size - 1}; set vocab_size >= {hi + 1} (the "
+            "tokenizer the data was made with) or rebuild the data"
+        )
+    return data.to(torch.long).contiguous()
+
+
 def load_split(path: str | Path, model_config: ModelConfig) -> torch.Tensor:
     """Load one ``[N, block_size + 1]`` split safely and check it against ``model_config``.
 
@@ -446,46 +495,7 @@ def load_split(path: str | Path, model_config: ModelConfig) -> torch.Tensor:
             f"{path} is not a readable torch file ({type(err).__name__}: {_first_line(err)}); "
             f"re-create it with torch.save(rows, path), or delete it and {_FIX}"
         ) from None
-
-    if not isinstance(data, torch.Tensor):
-        hint = f" with keys {sorted(map(str, data))[:5]}" if isinstance(data, dict) else ""
-        raise ValueError(
-            f"{path} holds a {type(data).__name__}{hint}, not a tensor: save the LongTensor of "
-            f"rows itself, torch.save(rows, path), shape [N, block_size+1]"
-        )
-    data = data.detach()
-    if data.numel() == 0:
-        raise ValueError(
-            f"{path} holds an empty tensor (shape {list(data.shape)}): it needs at least one row of token ids"
-        )
-    if data.dtype not in _INTEGER_DTYPES:
-        raise ValueError(
-            f"{path} has dtype {data.dtype}, but token ids must be integers (torch.long); "
-            "save rows.long() (float tensors are embeddings or logits, not token ids)"
-        )
-    if data.dim() != 2:
-        raise ValueError(
-            f"{path} has rank {data.dim()} (shape {list(data.shape)}), but the rows must be 2-D "
-            f"[N, block_size+1]; cut a flat token stream t into rows with "
-            f"t[: n * {model_config.block_size + 1}].view(n, {model_config.block_size + 1})"
-        )
-    width, need = data.shape[1], model_config.block_size + 1
-    if width != need:
-        relation = "smaller" if width > need else "larger"
-        raise ValueError(
-            f"{path} has rows of {width} tokens, but block_size={model_config.block_size} needs "
-            f"rows of block_size+1={need}: block_size is {relation} than the data's rows allow "
-            f"({width - 1}). Set block_size={width - 1}, or rebuild the data for "
-            f"block_size={model_config.block_size}"
-        )
-    lo, hi = int(data.min()), int(data.max())
-    if lo < 0 or hi >= model_config.vocab_size:
-        raise ValueError(
-            f"{path} has token ids from {lo} to {hi}, but vocab_size={model_config.vocab_size} "
-            f"allows only 0..{model_config.vocab_size - 1}; set vocab_size >= {hi + 1} (the "
-            "tokenizer the data was made with) or rebuild the data"
-        )
-    return data.to(torch.long).contiguous()
+    return check_rows(data, model_config, str(path))
 
 
 def load_datasets(
