@@ -128,12 +128,17 @@ class GPTModel(nn.Module):
             )
         if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
+        if idx.numel() == 0:
+            raise ValueError(
+                f"{name} is empty (shape {tuple(idx.shape)}): it needs at least one sequence of "
+                "at least one token"
+            )
         if idx.size(1) > cfg.block_size:
             raise ValueError(
                 f"{name} has {idx.size(1)} tokens but block_size={cfg.block_size}: "
                 f"crop to the last {cfg.block_size} tokens (idx[:, -{cfg.block_size}:])"
             )
-        if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+        if idx.min() < 0 or idx.max() >= cfg.vocab_size:
             # checked here: out of range, nn.Embedding fails with an IndexError on CPU and a
             # device-side assert on CUDA, which poisons the whole CUDA context
             raise ValueError(
@@ -149,12 +154,14 @@ class GPTModel(nn.Module):
         self._check_input(idx, "idx")
         B, T = idx.size()
         if targets is not None:
+            self._check_input(targets, "targets")
             if targets.shape != idx.shape:
                 raise ValueError(
                     f"targets has shape {tuple(targets.shape)} but idx has {tuple(idx.shape)}: "
                     "they must match (targets are idx shifted by one token)"
                 )
-            self._check_input(targets, "targets")
+            targets = targets.long()  # cross_entropy wants int64 targets
+        idx = idx.long()  # nn.Embedding takes int64/int32 only; the check above allows any int
         pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
