@@ -27,6 +27,23 @@ scheduler -> one ``accelerator.prepare`` -> ``accumulate`` / ``backward`` / clip
 Each place where it differs from the seed carries a ``# seed:`` comment saying why.
 Everything that is not the loop (step counting, the precision policy, checkpoints) is a
 small helper next to it.
+
+Reliability (what a learner's laptop needs):
+
+- Checkpoints (``<output_dir>/checkpoints/step_000100``) are written into ``step_000100.tmp``
+  and renamed into place only when complete; ``manifest.json`` (step, tokens seen, epoch,
+  configs, file sizes) is their last file. A crash mid-save leaves the older checkpoints
+  intact, and the newest ``keep_checkpoints`` are kept. ``latest_checkpoint(output_dir)``
+  finds the newest complete one; ``resume_from="latest"`` (``--resume-from latest``) uses it.
+- Resuming restores the weights, AdamW, the LR schedule, the GradScaler, the RNG states and
+  the data position: the run ends with the same weights, bit for bit, as one never stopped.
+  A missing, incomplete or corrupt checkpoint, or one of another model or batch setting, is
+  a ``ValueError`` / ``FileNotFoundError`` that says what to do.
+- A NaN/inf loss stops training with :class:`NonFiniteLossError` (a ``FloatingPointError``)
+  naming the step and likely causes; history.json keeps the steps done, and no checkpoint
+  or model file with the broken weights is written.
+- CUDA out of memory becomes :class:`TrainingOutOfMemoryError` (a ``torch.OutOfMemoryError``)
+  whose message carries ``lowvram.memory``'s plan for this model on this card.
 """
 
 from __future__ import annotations
@@ -36,11 +53,12 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -49,12 +67,15 @@ from accelerate.utils import set_seed
 from torch.nn import functional as F
 
 from lowvram.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from lowvram.data import build_dataloaders, load_datasets
+from lowvram.data import build_dataloaders, check_rows, load_datasets
 from lowvram.model import GPTModel
 
 __all__ = [
+    "NonFiniteLossError",
+    "TrainingOutOfMemoryError",
     "count_optimizer_steps",
     "force_grad_scaler",
+    "latest_checkpoint",
     "lr_schedule",
     "main",
     "resolve_precision",
@@ -64,7 +85,21 @@ __all__ = [
 
 HISTORY_FILE = "history.json"
 LOOP_STATE_FILE = "loop_state.json"  # next to accelerate's files in each checkpoint
+MANIFEST_FILE = "manifest.json"  # a checkpoint's last file: step, tokens, configs, file sizes
 CHECKPOINTS_DIR = "checkpoints"
+_COMPLETE = re.compile(r"step_\d{6,}")  # a complete checkpoint's directory name
+_UNFINISHED = re.compile(r"step_\d{6,}\.(tmp|old)")  # a save in progress, or killed mid-way
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped: an optimizer step's loss (or, without a GradScaler, its gradient
+    norm) was NaN or inf. history.json holds the steps before it; nothing with the broken
+    weights was saved, so the last checkpoint is the last good state."""
+
+
+class TrainingOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """CUDA ran out of memory during ``train``; the message carries ``lowvram.memory``'s plan
+    (micro-batch and accumulation that fit this card). Still a ``torch.OutOfMemoryError``."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -116,6 +151,12 @@ def schedule_steps(
 
 def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int, scale: int = 1):
     """The seed's ``get_linear_schedule_with_warmup``, counted in ``scale`` ticks per step."""
+    if not (isinstance(warmup, int) and isinstance(total, int) and 0 <= warmup < total):
+        raise ValueError(
+            f"warmup_steps={warmup!r} is not allowed with total_steps={total!r}: warmup must be "
+            "shorter than training (0 <= warmup_steps < total_steps); lower the warmup or train "
+            "for more steps"
+        )
     from transformers import get_linear_schedule_with_warmup  # ~1 s of import: lazily (FACTS 10)
 
     return get_linear_schedule_with_warmup(
@@ -215,46 +256,311 @@ class _LoopState:
     tokens: int = 0  # input tokens seen, all processes together
 
 
+def _fsync(directory: Path) -> None:
+    """Flush a directory's files (and, on POSIX, the directory itself) to the disk, so that a
+    rename after it cannot point at data that a power cut would lose."""
+    for f in directory.iterdir():
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    if os.name == "posix":  # Windows cannot open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The complete checkpoints (renamed into place, manifest present), oldest step first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [
+        p for p in checkpoints_dir.iterdir()
+        if _COMPLETE.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()
+    ]  # fmt: skip
+    return sorted(found, key=lambda p: int(p.name[len("step_"):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints``, or None.
+
+    A save that was interrupted (``step_XXXXXX.tmp``) is never returned.
+    """
+    complete = _complete_checkpoints(Path(output_dir) / CHECKPOINTS_DIR)
+    return complete[-1] if complete else None
+
+
 def _save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,
     loop: _LoopState,
     history: dict[str, Any],
     keep: int,
+    batches_per_epoch: int,
 ) -> Path:
-    """``accelerator.save_state`` plus the loop state and the history so far; keep the newest ``keep``."""
-    path = output_dir / CHECKPOINTS_DIR / f"step_{loop.step:06d}"
-    # every process takes part: each one writes its own RNG states
-    accelerator.save_state(str(path))
+    """``accelerator.save_state`` plus the loop state, the history and a manifest, atomically.
+
+    Everything goes into ``step_XXXXXX.tmp``; ``manifest.json`` is written last, and the
+    directory is renamed into place only then. A crash at any moment leaves either the whole
+    checkpoint or none of it, and the older checkpoints untouched; the oldest are deleted
+    only after the new one is complete.
+    """
+    checkpoints_dir = output_dir / CHECKPOINTS_DIR
+    path = checkpoints_dir / f"step_{loop.step:06d}"
+    tmp = path.with_name(path.name + ".tmp")  # the same name in every process
+    if accelerator.is_main_process:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints_dir.iterdir():  # left by a run killed while saving
+            if _UNFINISHED.fullmatch(stale.name):
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process takes part: each writes its RNG states
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"loop": dataclasses.asdict(loop), "history": history}
-        (path / LOOP_STATE_FILE).write_text(json.dumps(state, indent=1))
-        checkpoints = sorted(path.parent.glob("step_*"))  # zero-padded: sorted by step
-        for old in checkpoints[:-keep]:
-            shutil.rmtree(old)
+        (tmp / LOOP_STATE_FILE).write_text(json.dumps(state, indent=1))
+        manifest = {
+            "step": loop.step,
+            "tokens": loop.tokens,
+            "epoch": loop.epoch,
+            "batches_in_epoch": loop.batches_in_epoch,
+            "model": history["config"]["model"],
+            "train": history["config"]["train"],
+            "precision": history["precision"],
+            "num_processes": accelerator.num_processes,
+            "batches_per_epoch": batches_per_epoch,
+            "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp)
+        old = path.with_name(path.name + ".old")
+        if path.exists():  # the same step saved again (a resumed run): swap, then delete
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(checkpoints_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        for older in _complete_checkpoints(checkpoints_dir)[:-keep]:
+            if older != path:
+                shutil.rmtree(older)
     accelerator.wait_for_everyone()
     return path
 
 
-def _load_checkpoint(
-    accelerator: Accelerator, path: Path, model_config: ModelConfig
-) -> tuple[_LoopState, dict[str, Any]]:
-    """``accelerator.load_state`` plus the loop state and history saved next to it."""
-    state_file = path / LOOP_STATE_FILE
-    if not state_file.is_file():
+def _checkpoint_problem(path: Path, what: str) -> ValueError:
+    """A ValueError for an unusable checkpoint, naming the complete ones next to it."""
+    others = [p.name for p in _complete_checkpoints(path.parent) if p != path]
+    where = (
+        f"complete checkpoints next to it: {', '.join(others)}" if others
+        else "there is no other complete checkpoint next to it: train from the start"
+    )  # fmt: skip
+    return ValueError(f"resume_from={str(path)!r} {what}. Delete it and resume from another; {where}")
+
+
+def _check_checkpoint(
+    resume_from: str | Path,
+    output_dir: Path,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    num_processes: int,
+    batches_per_epoch: int,
+) -> Path:
+    """Resolve ``resume_from`` ("latest" or a directory) and check its manifest and files
+    against this run, before anything is built: a wrong checkpoint fails fast and clearly."""
+    if str(resume_from) == "latest":
+        latest = latest_checkpoint(output_dir)
+        if latest is None:
+            raise FileNotFoundError(
+                f"resume_from='latest' but {output_dir / CHECKPOINTS_DIR} holds no complete "
+                "checkpoint: train without resume_from first (checkpoints are saved at each "
+                "epoch end and every checkpoint_interval steps)"
+            )
+        return latest
+    path = Path(resume_from)
+    if not path.is_dir():
         raise FileNotFoundError(
-            f"resume_from={str(path)!r} is not a lowvram checkpoint ({state_file} is missing): "
-            f"pass a directory such as <output_dir>/{CHECKPOINTS_DIR}/step_000100"
+            f"resume_from={str(path)!r} does not exist or is not a directory, so it is not a "
+            f"lowvram checkpoint: pass one such as <output_dir>/{CHECKPOINTS_DIR}/step_000100, "
+            "or 'latest'"
         )
-    state = json.loads(state_file.read_text())
-    saved_model = state["history"]["config"]["model"]
+    if _UNFINISHED.fullmatch(path.name):
+        raise _checkpoint_problem(
+            path, "is an incomplete checkpoint: a save was interrupted while writing it"
+        )
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise FileNotFoundError(
+            f"resume_from={str(path)!r} is not a lowvram checkpoint ({MANIFEST_FILE}, the file "
+            f"written last, is missing): pass a directory such as "
+            f"<output_dir>/{CHECKPOINTS_DIR}/step_000100, or 'latest'"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files, saved_model = dict(manifest["files"]), manifest["model"]
+        saved_train = manifest["train"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise _checkpoint_problem(
+            path, f"is corrupt: {MANIFEST_FILE} is unreadable ({type(err).__name__}: {err})"
+        ) from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise _checkpoint_problem(path, f"is corrupt: {name} is missing")
+        if f.stat().st_size != size:
+            raise _checkpoint_problem(
+                path,
+                f"is corrupt: {name} has {f.stat().st_size} bytes, its manifest says {size} "
+                "(truncated or overwritten)",
+            )
     if saved_model != dataclasses.asdict(model_config):
         raise ValueError(
             f"resume_from={str(path)!r} was written for the model {saved_model}, not "
             f"{dataclasses.asdict(model_config)}: resume with the same model config"
         )
-    accelerator.load_state(str(path))
-    return _LoopState(**state["loop"]), state["history"]
+    saved = (
+        saved_train.get("per_device_train_batch_size"),
+        saved_train.get("gradient_accumulation_steps"),
+        manifest.get("num_processes"),
+        manifest.get("batches_per_epoch"),
+    )
+    now = (
+        train_config.per_device_train_batch_size,
+        train_config.gradient_accumulation_steps,
+        num_processes,
+        batches_per_epoch,
+    )
+    if saved != now:
+        names = "per_device_train_batch_size, gradient_accumulation_steps, processes, batches per epoch"
+        raise ValueError(
+            f"resume_from={str(path)!r} was written with ({names}) = {saved}, this run has "
+            f"{now}: the checkpoint's data position would mean other rows. Resume with the same "
+            "batch settings, process count and train data, or start a new run"
+        )
+    return path
+
+
+def _load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[_LoopState, dict[str, Any]]:
+    """``accelerator.load_state`` plus the loop state and history saved next to it (the
+    checkpoint was checked by ``_check_checkpoint``; what still fails to load is corrupt)."""
+    try:
+        state = json.loads((path / LOOP_STATE_FILE).read_text())
+        loop = _LoopState(**state["loop"])
+        history = state["history"]
+        # accelerate also loads the RNG states, the scheduler, AdamW and the GradScaler (it
+        # would skip unreadable RNG states silently: the manifest's file sizes catch that)
+        accelerator.load_state(str(path))
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise _checkpoint_problem(
+            path, f"is corrupt: it could not be loaded ({type(err).__name__}: {first})"
+        ) from err
+    return loop, history
+
+
+def _non_finite(record: dict[str, Any]) -> str | None:
+    """What is not finite in an optimizer step's record, or None. Under a GradScaler an inf
+    gradient norm is an fp16 overflow that the scaler skipped (counted, not an error)."""
+    if not math.isfinite(record["loss"]):
+        return f"the loss is {record['loss']}"
+    if not math.isfinite(record["grad_norm"]) and not record["skipped"]:
+        return f"the gradient norm is {record['grad_norm']} (the loss was {record['loss']:.4f})"
+    return None
+
+
+def _stop_non_finite(
+    accelerator: Accelerator,
+    output_dir: Path,
+    history: dict[str, Any],
+    record: dict[str, Any],
+    problem: str,
+    train_config: TrainConfig,
+) -> NoReturn:
+    """Write history.json with the steps done, then raise NonFiniteLossError. Called before
+    the step is recorded or checkpointed, so no saved file holds the broken weights."""
+    last = latest_checkpoint(output_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+    precision = history["precision"]
+    scaler = "with" if accelerator.scaler is not None else "without"
+    message = (
+        f"training stopped at optimizer step {record['step']} (epoch {record['epoch']}): "
+        f"{problem}. Nothing from this step was saved: {kept}, and {output_dir / HISTORY_FILE} "
+        f"holds the {len(history['steps'])} steps before it. Likely causes: "
+        f"(1) the learning rate is too high (this step ran at lr={record['lr']:.2e}, "
+        f"max_lr={train_config.max_lr:g}): lower max_lr or warm up longer; "
+        f"(2) fp16 overflow (this run: precision={precision!r} {scaler} a GradScaler): fp16 "
+        "holds values only up to 65504, and a GradScaler guards the gradients but not the "
+        "forward pass; use bf16 or 'no' (fp32); "
+        "(3) bad data in this step's batches (token ids are range-checked, so look for rows "
+        "unlike the rest)"
+    )
+    history["error"] = {"type": NonFiniteLossError.__name__, "step": record["step"], "message": message}
+    if accelerator.is_main_process:
+        _write_history(output_dir, history)
+    raise NonFiniteLossError(message)
+
+
+def _planner_advice(
+    model_config: ModelConfig, train_config: TrainConfig, precision: str, card_gib: float
+) -> str:
+    """``lowvram.memory``'s plan for this model on this card: the largest micro-batch that
+    fits, for this run's precision and for fp16. Computed only after an OOM (the planner
+    measures a few steps on fake tensors: about a second each for the seed's model)."""
+    from lowvram.memory import Recipe, plan
+
+    recipes = [
+        Recipe(p, precision=p, tie=model_config.tie_embeddings,
+               checkpointing=model_config.gradient_checkpointing)
+        for p in dict.fromkeys([precision, "fp16"])
+    ]  # fmt: skip
+    try:
+        rows = plan(model_config, card_gib, train_config.effective_batch_size, recipes)
+    except Exception as err:  # advice only: never hide the OOM behind the planner's failure
+        return f"(lowvram.memory's planner failed: {type(err).__name__}: {err})"
+    names = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
+    advice = []
+    for row in rows:
+        p = row.recipe.precision
+        if not row.fits:
+            advice.append(
+                f"with {names[p]} not even a micro-batch of 1 fits: turn on gradient_checkpointing "
+                "and tie_embeddings in the ModelConfig, or use a smaller model or block_size"
+            )
+            continue
+        advice.append(
+            f"with {names[p]} micro-batch <= {row.micro_batch}, accumulation {row.accumulation} "
+            f"(effective batch {row.effective_batch}): try --per-device-train-batch-size "
+            f"{row.micro_batch} --gradient-accumulation-steps {row.accumulation} "
+            f"--mixed-precision {p} (in Python: train_config.replace(per_device_train_batch_size="
+            f"{row.micro_batch}, gradient_accumulation_steps={row.accumulation}, "
+            f"mixed_precision={p!r}))"
+        )
+    return (
+        f"The memory planner (lowvram.memory) says, for this model on a {card_gib:.1f} GiB card: "
+        + "; ".join(advice)
+    )
+
+
+def _out_of_memory(
+    original: str,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    precision: str,
+    device: torch.device,
+) -> TrainingOutOfMemoryError:
+    """The OOM error a learner can act on: what ran, and what the planner says would fit."""
+    if device.type == "cuda":
+        card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    else:  # a test's artificial OOM: plan for the course's 4 GB card
+        card_gib = 4.0
+    tc = train_config
+    return TrainingOutOfMemoryError(
+        f"CUDA ran out of memory during training ({original}). This run: "
+        f"per_device_train_batch_size={tc.per_device_train_batch_size}, "
+        f"gradient_accumulation_steps={tc.gradient_accumulation_steps}, precision={precision!r}, "
+        f"block_size={model_config.block_size}. "
+        f"{_planner_advice(model_config, tc, precision, card_gib)}. Also close other programs "
+        "that use the GPU (nvidia-smi lists them)."
+    )
 
 
 def _write_history(output_dir: Path, history: dict[str, Any]) -> None:
@@ -304,9 +610,11 @@ def train(
 
     Args:
         model_config, train_config: the model's shape and the loop's settings (``get_preset``).
-        train_data, val_data: LongTensors ``[N, block_size + 1]``; by default
+        train_data, val_data: LongTensors ``[N, block_size + 1]`` (checked with
+            ``lowvram.data.check_rows``); by default
             ``lowvram.data.load_datasets(model_config, train_config.data_dir)``.
-        resume_from: a checkpoint directory (``<output_dir>/checkpoints/step_XXXXXX``).
+        resume_from: a checkpoint directory (``<output_dir>/checkpoints/step_XXXXXX``), or
+            ``"latest"``: the newest complete one under ``train_config.output_dir``.
         progress: a progress bar on the main process.
         cpu: None uses the CUDA GPU if there is one, else the CPU (then launched processes
             do real data-parallel training over gloo, FACTS 7); True forces the CPU.
@@ -316,6 +624,13 @@ def train(
 
     Returns:
         The history: config, precision, steps (one record per optimizer step), val losses.
+
+    Raises:
+        ValueError: bad data or settings, or a checkpoint that is corrupt, incomplete or
+            written for another model or batch setting (the message says which and what to do).
+        FileNotFoundError: missing data files or checkpoint.
+        NonFiniteLossError: (a ``FloatingPointError``) the loss became NaN or inf.
+        TrainingOutOfMemoryError: (a ``torch.OutOfMemoryError``) with the planner's advice.
     """
     # 1. Configuration: precision is decided once, before the Accelerator needs it.
     if cpu is None:
@@ -343,6 +658,7 @@ def train(
     )
     if _force_grad_scaler:
         force_grad_scaler(accelerator)
+    out_of_memory = None
     try:
         set_seed(train_config.seed)  # seed: no seed; now it also fixes the model's init
         return _train_loop(
@@ -357,10 +673,16 @@ def train(
             progress,
             _grad_hook,
         )
+    except torch.cuda.OutOfMemoryError as err:
+        # handled below, outside this block: the traceback holds the frames that hold the
+        # GPU memory (PyTorch FAQ), so the error raised here does not chain to it
+        out_of_memory = (str(err).strip().splitlines() or ["out of memory"])[0]
     finally:
         accelerator.end_training()
         if accelerator.num_processes == 1:
             _reset_accelerate_state()
+    accelerator.free_memory()  # the model, optimizer and their GPU memory: a retry can fit
+    raise _out_of_memory(out_of_memory, model_config, train_config, precision, device)
 
 
 def _train_loop(
@@ -388,8 +710,9 @@ def _train_loop(
         )
     if train_data is None:
         train_data, val_data = load_datasets(model_config, tc.data_dir)
-    if len(val_data) == 0:
-        raise ValueError("val_data has 0 rows: validation needs at least one row of token ids")
+    else:  # the same checks as the files get: shape [N, block_size + 1], ids < vocab_size
+        train_data = check_rows(train_data, model_config, "train_data")
+        val_data = check_rows(val_data, model_config, "val_data")
     if tc.eval_max_batches is not None:
         # seed: no validation. Capped by rows, so that every process count sees the same rows.
         val_data = val_data[: tc.eval_max_batches * tc.per_device_eval_batch_size]
@@ -407,6 +730,10 @@ def _train_loop(
             f"train_data has {len(train_data)} rows: fewer than one batch of "
             f"per_device_train_batch_size={tc.per_device_train_batch_size} for each of "
             f"{num_processes} processes; use more data or a smaller batch"
+        )
+    if resume_from is not None:  # checked before anything is built: a wrong one fails fast
+        resume_from = _check_checkpoint(
+            resume_from, output_dir, model_config, tc, num_processes, batches_per_epoch
         )
 
     # 4. Model, optimizer and scheduler.
@@ -451,8 +778,13 @@ def _train_loop(
         "final_lr": None,
     }
     loop = _LoopState()
-    if resume_from is not None:
-        loop, saved = _load_checkpoint(accelerator, Path(resume_from), model_config)
+    if resume_from is not None:  # seed: no resume
+        loop, saved = _load_checkpoint(accelerator, resume_from)
+        if loop.step > total_steps:
+            raise ValueError(
+                f"resume_from={str(resume_from)!r} is at step {loop.step}, past this run's "
+                f"total_steps={total_steps}: raise max_steps (or num_epochs) to train further"
+            )
         history.update(steps=saved["steps"], val=saved["val"], skipped_steps=saved["skipped_steps"])
         accelerator.print(f"resumed from {resume_from} at step {loop.step}")
 
@@ -472,7 +804,9 @@ def _train_loop(
     def checkpoint() -> None:
         nonlocal last_checkpoint
         if last_checkpoint != loop.step:
-            _save_checkpoint(accelerator, output_dir, loop, history, tc.keep_checkpoints)
+            _save_checkpoint(
+                accelerator, output_dir, loop, history, tc.keep_checkpoints, batches_per_epoch
+            )
             last_checkpoint = loop.step
 
     from tqdm.auto import tqdm  # lazily: tqdm.auto pulls in the notebook machinery
@@ -543,6 +877,10 @@ def _train_loop(
                 "loss_scale": scale,
                 "skipped": skipped,
             }
+            problem = _non_finite(record)
+            if problem:  # stop before these weights reach a checkpoint or the model file
+                bar.close()
+                _stop_non_finite(accelerator, output_dir, history, record, problem, tc)
             history["steps"].append(record)
             if loop.batches_in_epoch == batches_per_epoch:  # the epoch is complete
                 loop.epoch, loop.batches_in_epoch = epoch + 1, 0
@@ -570,8 +908,11 @@ def _train_loop(
     accelerator.save_model(model, str(output_dir))  # unwraps; -> model.safetensors
     if accelerator.is_main_process:
         _write_history(output_dir, history)
+    skipped_note = ""
+    if accelerator.scaler is not None:  # fp16: say how many updates the GradScaler dropped
+        skipped_note = f" ({history['skipped_steps']} skipped by the GradScaler: fp16 overflow)"
     accelerator.print(
-        f"final val loss {history['final_val_loss']:.4f} after {loop.step} steps; "
+        f"final val loss {history['final_val_loss']:.4f} after {loop.step} steps{skipped_note}; "
         f"wrote {output_dir / 'model.safetensors'} and {output_dir / HISTORY_FILE}"
     )
     return history
@@ -595,7 +936,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--data-dir")
     parser.add_argument("--checkpoint-every", type=int, help="save_state every N optimizer steps")
-    parser.add_argument("--resume-from", help="a checkpoint directory to continue from")
+    parser.add_argument(
+        "--resume-from",
+        help="a checkpoint directory to continue from, or 'latest' (the newest complete one)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -625,12 +969,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_config = train_config.replace(**{k: v for k, v in changes.items() if v is not None})
     except ValueError as err:
         parser.error(str(err))
-    train(
-        model_config,
-        train_config,
-        resume_from=args.resume_from,
-        progress=not args.no_progress,
-    )
+    try:
+        train(
+            model_config,
+            train_config,
+            resume_from=args.resume_from,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, NonFiniteLossError, torch.cuda.OutOfMemoryError) as err:
+        # each message says what was wrong and what to do: a traceback would only hide it
+        parser.exit(2, f"error: {type(err).__name__}: {err}\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,554 @@
+"""Reliability (issue 6): exact resume after SIGKILL, crash-safe checkpoints, clear errors.
+
+Tiny preset, random rows, CPU. The data and config cases that lowvram.data and lowvram.config
+refuse on their own are tested in tests/test_data.py and tests/test_config.py; here are the
+cases that reach ``train`` and the checkpoints, and the fuzz tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import accelerate.checkpointing
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowvram.memory
+import lowvram.train
+from lowvram.config import ModelConfig, TrainConfig, get_preset
+from lowvram.data import check_rows
+from lowvram.memory import PlanRow, Recipe, plan
+from lowvram.model import GPTModel
+from lowvram.train import (
+    NonFiniteLossError,
+    TrainingOutOfMemoryError,
+    force_grad_scaler,
+    latest_checkpoint,
+    lr_schedule,
+    schedule_steps,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL, TRAIN = get_preset("tiny")  # vocab 96, block 16, 2 x 2 x 32; batch 2 x accum 2
+
+
+def rows(n: int, seed: int = 0, model: ModelConfig = MODEL) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.vocab_size, (n, model.block_size + 1), generator=g)
+
+
+def run(out: Path, model: ModelConfig = MODEL, n_train: int = 32, **kwargs) -> dict:
+    """Train tiny on 32 random rows (8 optimizer steps per epoch) into ``out``."""
+    changes = {k: kwargs.pop(k) for k in list(kwargs) if k in TrainConfig.__dataclass_fields__}
+    tc = TRAIN.replace(output_dir=str(out), **changes)
+    return train(model, tc, train_data=rows(n_train, model=model),
+                 val_data=rows(8, seed=1, model=model), progress=False, **kwargs)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def _cli(out: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lowvram.train", "--preset", "tiny", "--data-dir", str(data_dir),
+            "--output-dir", str(out), "--max-steps", "80", "--checkpoint-every", "10",
+            "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    """A real process is SIGKILLed after its first checkpoint, resumed with --resume-from
+    latest, and ends with exactly the weights of a run that was never stopped."""
+    data_dir = tmp_path / "data"  # the learner's "own" Day-22 files
+    data_dir.mkdir()
+    torch.save(rows(64), data_dir / "train_data.pt")  # 32 batches: 16 steps per epoch
+    torch.save(rows(8, seed=1), data_dir / "val_data.pt")
+    # one thread each: the same float arithmetic in every process, and the cores stay shared
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    reference = subprocess.run(_cli(tmp_path / "ref", data_dir), env=env, capture_output=True,
+                               text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(out, data_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        first = out / "checkpoints" / "step_000010" / "manifest.json"  # written last
+        deadline = time.monotonic() + 240
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first.exists() and still_running, "the run ended before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()  # it really did not finish
+    killed_at = latest_checkpoint(out)
+    assert killed_at is not None and 10 <= int(killed_at.name[5:]) < 80
+
+    resumed = subprocess.run(_cli(out, data_dir, "--resume-from", "latest"), env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {killed_at} at step {int(killed_at.name[5:])}" in resumed.stdout
+    assert bitwise_equal(weights(out), weights(tmp_path / "ref"))
+    ref_history = json.loads((tmp_path / "ref" / "history.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert [s["loss"] for s in history["steps"]] == [s["loss"] for s in ref_history["steps"]]
+    assert history["steps"][-1]["tokens"] == ref_history["steps"][-1]["tokens"] == 80 * 4 * 16
+    assert not [n for n in checkpoints(out) if n.endswith((".tmp", ".old"))]
+
+
+def test_resume_restores_rng_grad_scaler_scheduler_mid_epoch(tmp_path, monkeypatch):
+    """Dropout draws from the RNG, fp16 overflow makes the GradScaler skip steps and halve its
+    scale: resuming mid-epoch still reproduces every loss, scale and weight exactly."""
+    monkeypatch.setattr(lowvram.train, "force_grad_scaler",
+                        functools.partial(force_grad_scaler, init_scale=2.0**20))
+    model = dataclasses.replace(MODEL, dropout=0.1)
+    common = dict(model=model, checkpoint_interval=3, _force_grad_scaler=True)  # 8 steps
+    full = run(tmp_path / "full", **common)
+    assert full["skipped_steps"] > 0  # the scaler's state matters
+    resumed = run(tmp_path / "resumed", resume_from=tmp_path / "full/checkpoints/step_000003",
+                  **common)
+    for key in ("loss", "lr", "loss_scale", "skipped", "grad_norm"):  # repr: nan == nan
+        assert [repr(s[key]) for s in resumed["steps"]] == [repr(s[key]) for s in full["steps"]]
+    assert bitwise_equal(weights(tmp_path / "resumed"), weights(tmp_path / "full"))
+    # without its RNG states the resumed run's dropout masks differ
+    (tmp_path / "full/checkpoints/step_000003/random_states_0.pkl").unlink()
+    manifest = tmp_path / "full/checkpoints/step_000003/manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["files"]["random_states_0.pkl"]
+    manifest.write_text(json.dumps(data))
+    no_rng = run(tmp_path / "no_rng", resume_from=tmp_path / "full/checkpoints/step_000003",
+                 **common)
+    assert [s["loss"] for s in no_rng["steps"][3:]] != [s["loss"] for s in full["steps"][3:]]
+
+
+# ----------------------------------------------------------------------------- crash-safe saves
+
+
+def test_checkpoint_manifest_and_keep_last_n(tmp_path):
+    out = tmp_path / "run"
+    history = run(out, max_steps=7, checkpoint_interval=2, keep_checkpoints=2)
+    assert checkpoints(out) == ["step_000006", "step_000007"]  # 2, 4 deleted; no .tmp left
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_000007"
+    path = out / "checkpoints" / "step_000006"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert (manifest["step"], manifest["tokens"], manifest["epoch"]) == (6, 6 * 4 * 16, 0)
+    assert manifest["batches_in_epoch"] == 12 and manifest["batches_per_epoch"] == 16
+    assert manifest["model"] == dataclasses.asdict(MODEL)
+    assert manifest["train"] == history["config"]["train"]
+    assert manifest["num_processes"] == 1 and manifest["precision"] == "no"
+    files = {f.name: f.stat().st_size for f in path.iterdir() if f.name != "manifest.json"}
+    assert manifest["files"] == files
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+            "loop_state.json"} <= set(files)
+    assert latest_checkpoint(tmp_path / "nothing") is None
+    # a resumed run in the same directory saves step 7 again: swapped in, nothing left over
+    run(out, max_steps=7, checkpoint_interval=2, keep_checkpoints=2, resume_from="latest")
+    run(out, max_steps=7, checkpoint_interval=2, keep_checkpoints=2, resume_from=path)
+    assert checkpoints(out) == ["step_000006", "step_000007"]
+
+
+def _crash_in_optimizer_save(monkeypatch, at_checkpoint: int) -> None:
+    """accelerate's save writes half of optimizer.bin of the ``at_checkpoint``-th checkpoint,
+    then the process "dies" (a KeyboardInterrupt: what a notebook's stop button raises)."""
+    real_save = accelerate.checkpointing.save
+    seen = []
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f).name == "optimizer.bin":
+            seen.append(f)
+            if len(seen) == at_checkpoint:
+                Path(f).write_bytes(b"half an optimizer")
+                raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", save)
+
+
+def _crash_before_rename(monkeypatch, at_checkpoint: int) -> None:
+    """Everything written, manifest included; the process dies before the rename."""
+    real_replace = os.replace
+    seen = []
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp"):
+            seen.append(src)
+            if len(seen) == at_checkpoint:
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(lowvram.train.os, "replace", replace)
+
+
+@pytest.mark.parametrize("crash", [_crash_in_optimizer_save, _crash_before_rename])
+def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, crash):
+    out = tmp_path / "run"
+    settings = dict(max_steps=6, checkpoint_interval=2, keep_checkpoints=1)
+    crash(monkeypatch, at_checkpoint=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, **settings)
+    monkeypatch.undo()
+    # the half-written step 4 is not a checkpoint; step 2 (keep=1!) was not deleted for it
+    assert checkpoints(out) == ["step_000002", "step_000004.tmp"]
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_000002"
+    with pytest.raises(ValueError, match=r"step_000004.tmp' is an incomplete checkpoint: a save "
+                                         r"was interrupted.*complete checkpoints next to it: step_000002"):
+        run(tmp_path / "other", resume_from=out / "checkpoints" / "step_000004.tmp", **settings)
+    # step 2 is intact: resuming from it ends exactly where an uninterrupted run ends
+    run(out, resume_from="latest", **settings)
+    assert checkpoints(out) == ["step_000006"]  # the stale .tmp was cleaned at the next save
+    run(tmp_path / "clean", **settings)
+    assert bitwise_equal(weights(out), weights(tmp_path / "clean"))
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("good")
+    run(out, max_steps=2, checkpoint_interval=2)
+    return out / "checkpoints" / "step_000002"
+
+
+def _truncate(path: Path, name: str) -> None:
+    f = path / name
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _garble(path: Path, name: str) -> None:
+    f = path / name
+    f.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(f.stat().st_size)))
+
+
+def _drop(path: Path, name: str) -> None:
+    (path / name).unlink()
+
+
+BAD_CHECKPOINTS = [
+    # (how the copy is damaged, the exception, its key words)
+    (lambda p: shutil.rmtree(p), FileNotFoundError, r"does not exist .*not a lowvram checkpoint"),
+    (lambda p: _drop(p, "manifest.json"), FileNotFoundError,
+     r"not a lowvram checkpoint \(manifest.json, the file written last, is missing\)"),
+    (lambda p: (p / "manifest.json").write_text("{not json"), ValueError,
+     r"is corrupt: manifest.json is unreadable \(JSONDecodeError"),
+    (lambda p: _truncate(p, "model.safetensors"), ValueError,
+     r"is corrupt: model.safetensors has \d+ bytes, its manifest says \d+ \(truncated"),
+    (lambda p: _truncate(p, "optimizer.bin"), ValueError, r"corrupt: optimizer.bin has \d+ bytes"),
+    (lambda p: _drop(p, "loop_state.json"), ValueError, "is corrupt: loop_state.json is missing"),
+    (lambda p: _drop(p, "random_states_0.pkl"), ValueError, "random_states_0.pkl is missing"),
+    (lambda p: _garble(p, "model.safetensors"), ValueError,
+     r"is corrupt: it could not be loaded \(SafetensorError"),
+    (lambda p: _garble(p, "optimizer.bin"), ValueError, r"is corrupt: it could not be loaded"),
+    (lambda p: _garble(p, "loop_state.json"), ValueError, r"is corrupt: it could not be loaded"),
+]
+
+
+@pytest.mark.parametrize("damage, error, words", BAD_CHECKPOINTS)
+def test_bad_checkpoint_is_a_clear_error(tmp_path, good_checkpoint, damage, error, words):
+    path = tmp_path / "checkpoints" / "step_000002"
+    shutil.copytree(good_checkpoint, path)
+    damage(path)
+    out = tmp_path / "resumed"
+    with pytest.raises(error, match=words) as info:
+        run(out, max_steps=4, resume_from=path)
+    assert f"resume_from={str(path)!r}" in str(info.value)
+    if error is ValueError and "manifest.json" not in words:  # names what to do next
+        assert "Delete it and resume from another" in str(info.value)
+    assert not (out / "model.safetensors").exists() and not (out / "history.json").exists()
+
+
+def test_checkpoint_of_another_model_or_batch_or_length(tmp_path, good_checkpoint):
+    with pytest.raises(ValueError, match=r"was written for the model .*same model config"):
+        run(tmp_path / "a", model=dataclasses.replace(MODEL, n_embd=64), resume_from=good_checkpoint)
+    with pytest.raises(ValueError, match=r"\(2, 2, 1, 16\), this run has \(4, 2, 1, 8\).*same "
+                                         r"batch settings, process count and train data"):
+        run(tmp_path / "b", per_device_train_batch_size=4, resume_from=good_checkpoint)
+    with pytest.raises(ValueError, match=r"\(2, 2, 1, 16\), this run has \(2, 2, 1, 32\)"):
+        run(tmp_path / "c", n_train=64, resume_from=good_checkpoint)
+    with pytest.raises(ValueError, match="is at step 2, past this run's total_steps=1: raise max_steps"):
+        run(tmp_path / "d", max_steps=1, resume_from=good_checkpoint)
+    with pytest.raises(FileNotFoundError, match=r"resume_from='latest' but .*e/checkpoints holds "
+                                                r"no complete checkpoint"):
+        run(tmp_path / "e", resume_from="latest")
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+def _nan_loss_from(monkeypatch, training_call: int) -> None:
+    """From the ``training_call``-th training forward on, the loss is NaN."""
+    real_forward = GPTModel.forward
+    calls = []
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            calls.append(1)
+            if len(calls) >= training_call:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPTModel, "forward", forward)
+
+
+def _nan_grad_at(step: int):
+    """A _grad_hook that puts a NaN into one gradient at optimizer step ``step``."""
+    calls = []
+
+    def hook(model):
+        calls.append(1)
+        if len(calls) == step:
+            next(model.parameters()).grad[0, 0] = float("nan")
+
+    return hook
+
+
+@pytest.mark.parametrize("what", ["loss", "grad"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, what):
+    out = tmp_path / "run"
+    kwargs = {}
+    if what == "loss":
+        _nan_loss_from(monkeypatch, training_call=9)  # step 5's micro-batches: 9 and 10
+    else:
+        kwargs["_grad_hook"] = _nan_grad_at(step=5)
+    with pytest.raises(NonFiniteLossError) as info:
+        run(out, max_steps=8, checkpoint_interval=2, **kwargs)
+    message = str(info.value)
+    assert isinstance(info.value, FloatingPointError)
+    assert "training stopped at optimizer step 5 (epoch 0)" in message
+    assert ("the loss is nan" if what == "loss" else "the gradient norm is nan") in message
+    for cause in ("learning rate is too high", "lr=", "fp16 overflow", "precision='no' without a "
+                  "GradScaler", "bad data"):
+        assert cause in message
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step_000004'}" in message
+    # nothing with the broken weights was saved; the history has the 4 good steps
+    assert checkpoints(out) == ["step_000002", "step_000004"]
+    assert not (out / "model.safetensors").exists()
+    history = json.loads((out / "history.json").read_text())
+    assert [s["step"] for s in history["steps"]] == [1, 2, 3, 4]
+    assert history["error"]["step"] == 5 and history["error"]["type"] == "NonFiniteLossError"
+    good = weights(out / "checkpoints" / "step_000004")
+    assert all(torch.isfinite(t).all() for t in good.values())
+
+
+def test_grad_scaler_skips_are_reported_not_fatal(tmp_path, monkeypatch, capsys):
+    # a first loss scale of 2**30 overflows fp16 at once; a NaN gradient at step 6 is skipped too
+    monkeypatch.setattr(lowvram.train, "force_grad_scaler",
+                        functools.partial(force_grad_scaler, init_scale=2.0**30))
+    history = run(tmp_path / "fp16", _force_grad_scaler=True, _grad_hook=_nan_grad_at(step=6))
+    skipped = [s["step"] for s in history["steps"] if s["skipped"]]
+    assert skipped[0] == 1 and 6 in skipped and len(history["steps"]) == 8
+    assert history["skipped_steps"] == len(skipped)
+    out = capsys.readouterr().out
+    assert f"after 8 steps ({len(skipped)} skipped by the GradScaler: fp16 overflow)" in out
+
+
+def test_out_of_memory_says_what_the_planner_suggests(tmp_path, monkeypatch):
+    calls = []
+    real_plan = lowvram.memory.plan
+
+    def counting_plan(*args, **kwargs):
+        calls.append(args)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(lowvram.memory, "plan", counting_plan)
+    run(tmp_path / "fine", max_steps=1)
+    assert calls == []  # the planner runs only after an OOM
+
+    def hook(model):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        run(tmp_path / "oom", max_steps=4, _grad_hook=hook)
+    assert isinstance(info.value, torch.cuda.OutOfMemoryError)
+    message = str(info.value)
+    expected = plan(MODEL, 4.0, TRAIN.effective_batch_size,
+                    [Recipe("no", precision="no"), Recipe("fp16", precision="fp16")])
+    assert [(r.micro_batch, r.accumulation) for r in expected] == [(4, 1), (4, 1)]
+    assert "CUDA ran out of memory during training (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
+    assert "per_device_train_batch_size=2, gradient_accumulation_steps=2, precision='no'" in message
+    assert "The memory planner (lowvram.memory) says, for this model on a 4.0 GiB card" in message
+    assert ("with fp32 micro-batch <= 4, accumulation 1 (effective batch 4): try "
+            "--per-device-train-batch-size 4 --gradient-accumulation-steps 1 --mixed-precision no") in message
+    assert "with fp16 micro-batch <= 4" in message and len(calls) == 1
+    # not chained: the original's frames would keep the GPU memory alive
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    run(tmp_path / "again", max_steps=1)  # the next run can start an Accelerator again
+
+
+def test_planner_advice_when_nothing_fits(monkeypatch):
+    def nothing_fits(model_config, card_gib, target, recipes):
+        return [PlanRow(r, 0, 0, 0, None) for r in recipes]
+
+    monkeypatch.setattr(lowvram.memory, "plan", nothing_fits)
+    advice = lowvram.train._planner_advice(MODEL, TRAIN, "bf16", 4.0)
+    assert "with bf16 not even a micro-batch of 1 fits: turn on gradient_checkpointing" in advice
+    assert "with fp16 not even a micro-batch of 1 fits" in advice
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(lowvram.memory, "plan", broken)
+    assert "planner failed: RuntimeError: boom" in lowvram.train._planner_advice(MODEL, TRAIN, "no", 4.0)
+
+
+# ----------------------------------------------------------------------------- config and data
+
+
+def test_data_that_does_not_fit_the_model_is_refused_by_train(tmp_path):
+    bigger = dataclasses.replace(MODEL, block_size=32)  # rows of 17 tokens: block_size too large
+    with pytest.raises(ValueError, match=r"train_data has rows of 17 tokens, but block_size=32 "
+                                         r"needs rows of block_size\+1=33: block_size is larger"):
+        train(bigger, TRAIN.replace(output_dir=str(tmp_path)), train_data=rows(8),
+              val_data=rows(4), progress=False)
+    with pytest.raises(ValueError, match=r"val_data has token ids from \d+ to \d+, but vocab_size=50"):
+        small = dataclasses.replace(MODEL, vocab_size=50)
+        train(small, TRAIN.replace(output_dir=str(tmp_path)), train_data=rows(8) % 50,
+              val_data=rows(4), progress=False)
+    with pytest.raises(ValueError, match="train_data holds a list, not a tensor"):
+        train(MODEL, TRAIN.replace(output_dir=str(tmp_path)), train_data=rows(8).tolist(),
+              val_data=rows(4), progress=False)
+    assert not tmp_path.joinpath("history.json").exists()
+    history = train(MODEL, TRAIN.replace(output_dir=str(tmp_path / "int32"), max_steps=1),
+                    train_data=rows(8).int(), val_data=rows(4).short(), progress=False)
+    assert len(history["steps"]) == 1  # other integer dtypes are widened to int64
+
+
+def test_warmup_is_always_shorter_than_training():
+    # warmup_ratio in [0, 1) (TrainConfig refuses 1.0: tests/test_config.py) gives
+    # warmup = floor(total * ratio) < total for any total, however small max_steps is
+    for total in range(1, 60):
+        for ratio in (0.0, 0.05, 0.1, 0.5, 0.9, 0.999):
+            warmup, steps = schedule_steps(100, 1, 1, max_steps=total, warmup_ratio=ratio)
+            assert steps == total and 0 <= warmup < total
+    with pytest.raises(ValueError, match=r"warmup_ratio=1.0 is not allowed: it must be in \[0, 1\)"):
+        schedule_steps(100, 1, 1, warmup_ratio=1.0)
+    # absolute warmup steps can ask for more: refused where every schedule is built
+    for warmup, total in ((10, 5), (5, 5), (-1, 5)):
+        with pytest.raises(ValueError, match=f"warmup_steps={warmup} is not allowed with "
+                                             f"total_steps={total}: warmup must be shorter than training"):
+            lr_schedule(warmup, total, 1e-3)
+    with pytest.raises(ValueError, match="warmup must be shorter than training"):
+        TrainConfig(warmup_ratio=1.5)
+
+
+def test_cli_prints_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        lowvram.train.main(["--preset", "tiny", "--data-dir", str(tmp_path), "--output-dir",
+                            str(tmp_path / "out"), "--resume-from", "latest", "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: FileNotFoundError: no data for vocab_size=96")
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+
+def _random_rows(rng: random.Random) -> torch.Tensor:
+    """Valid rows [B, block_size + 1], then 0-3 random mutations: dtype (ints, bool, floats
+    with NaN/inf), rank, width, emptiness, ids out of range."""
+    t = torch.randint(0, MODEL.vocab_size, (rng.randint(1, 4), MODEL.block_size + 1))
+    for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
+        mutation = rng.choice(["dtype", "float", "rank", "width", "empty", "ids"])
+        if mutation == "dtype":
+            t = t.to(rng.choice([torch.int32, torch.int16, torch.uint8, torch.int8, torch.bool]))
+        elif mutation == "float":
+            t = t.to(rng.choice([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+            t = t.contiguous()
+            if t.numel():
+                t.view(-1)[rng.randrange(t.numel())] = rng.choice([float("nan"), float("inf")])
+        elif mutation == "rank":
+            t = rng.choice([t.flatten(), t[None], t.flatten()[0] if t.numel() else t.flatten()])
+        elif mutation == "width" and t.dim() >= 1:
+            t = t[..., : rng.randint(0, t.shape[-1] - 1)] if rng.random() < 0.5 else torch.cat([t, t], -1)
+        elif mutation == "empty" and t.dim() >= 1:
+            t = t[:0]
+        elif mutation == "ids" and t.numel() and t.dtype in (torch.long, torch.int32, torch.int16):
+            t = t.contiguous().clone()
+            t.view(-1)[rng.randrange(t.numel())] = rng.choice([-1, MODEL.vocab_size, 10**4])
+    return t
+
+
+def test_fuzz_rows_and_model_raise_only_value_errors():
+    """check_rows (what load_split and train use; files are fuzzed in tests/test_data.py) and
+    GPTModel.forward on X = rows[..., :-1], Y = rows[..., 1:]: a ValueError or a result."""
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    model = GPTModel(MODEL).eval()
+    outcomes = {"rows ok": 0, "rows error": 0, "forward ok": 0, "forward error": 0}
+    for _ in range(300):
+        t = _random_rows(rng)
+        try:
+            good = check_rows(t, MODEL, "train_data")
+        except ValueError as err:
+            assert str(err).startswith("train_data ")
+            outcomes["rows error"] += 1
+        else:
+            assert good.dtype == torch.long and good.shape[1] == MODEL.block_size + 1
+            outcomes["rows ok"] += 1
+        X = t[..., :-1] if t.dim() else t
+        Y = t[..., 1:] if t.dim() and rng.random() < 0.7 else _random_rows(rng)
+        try:
+            with torch.no_grad():
+                logits, loss = model(X, Y if rng.random() < 0.7 else None)
+        except ValueError as err:
+            assert str(err).split(" ")[0] in ("idx", "targets")
+            outcomes["forward error"] += 1
+        else:
+            assert logits.shape == (*X.shape, MODEL.vocab_size)
+            assert loss is None or math.isfinite(loss.item())
+            outcomes["forward ok"] += 1
+    assert min(outcomes.values()) >= 30, outcomes  # every branch was exercised
+
+
+_VALUES = [0, -1, 1, 2, 3, 7, 64, 10**6, 0.5, 1.0, 1.5, -0.5, 3e-4, float("nan"), float("inf"),
+           True, False, None, "", "x", "no", "fp16", "bf16", [], {}, (1,)]
+
+
+@pytest.mark.parametrize("cls", [ModelConfig, TrainConfig])
+def test_fuzz_configs_raise_only_value_errors_naming_the_field(cls):
+    rng = random.Random(1)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    outcomes = set()
+    for _ in range(400):
+        changes = {name: rng.choice(_VALUES) for name in rng.sample(fields, rng.randint(1, 3))}
+        try:
+            cls(**changes)
+        except ValueError as err:
+            field = str(err).split("=")[0]
+            # n_embd % n_head != 0 names n_embd, also when only n_head was changed
+            assert field in changes or (field == "n_embd" and "n_head" in changes), err
+            assert "is not allowed" in str(err)
+            outcomes.add("error")
+        else:
+            outcomes.add("ok")
+    assert outcomes == {"ok", "error"}
