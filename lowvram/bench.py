@@ -6,6 +6,7 @@ From a shell (``make bench`` runs the second line)::
     python -m lowvram.bench --write-readme   # ... and the README's Performance section
     python -m lowvram.bench --json           # JSON on stdout, the table on stderr
     python -m lowvram.bench --quick          # without the notebooks (the slowest part)
+    python -m lowvram.bench --threads 2      # loops at 2 threads only (default: the cores, then 1)
 
 From Python (``tiny_plan()`` runs in seconds; what the tests use)::
 
@@ -24,6 +25,7 @@ is a ratio of two things measured next to each other:
    moments when the gradients are complete, so it covers everything a step does: the
    micro-batches, clipping, the optimizer, and in lowvram's loop also accelerate's wrappers, the
    loss/token reduction, the ``.item()`` calls and the history record. Goal: lowvram / plain <= 1.05.
+   Both loops run at torch's default thread count and again at 1 thread (``BenchPlan.threads``).
 2. **CPU efficiency.** Training FLOP/s from the same step times, divided by this machine's fp32
    matmul FLOP/s (``torch.mm`` of two 2048 x 2048 matrices) timed next to each step.
    Training FLOPs per token = 6 N + 12 n_layer n_embd T (nanoGPT's / PaLM's estimate; N counts
@@ -81,6 +83,7 @@ __all__ = [
     "readme_section",
     "run_all",
     "step_breakdown",
+    "thread_counts",
     "tiny_plan",
     "training_flops_per_token",
     "write_readme",
@@ -113,6 +116,10 @@ class BenchPlan:
     """What the benchmark runs and how often (the repetition counts the README states)."""
 
     loops: tuple[LoopSpec, ...]  # the last one is the efficiency goal's (mid-size) model
+    # torch threads for the loops, one pass each; () = torch's default (the cores), then 1: with
+    # other jobs on the cores, 2 OpenMP threads wait on each other (AdamW, LayerNorm, ... slow
+    # down far more than a matmul), while 1 thread is only time-sliced
+    threads: tuple[int, ...] = ()
     matmul_n: int = 2048  # the reference matmul: (n x n) @ (n x n), fp32, once per step
     planner_model: ModelConfig = get_preset("rtx2050")[0]
     planner_micro_batch: int = 4
@@ -141,6 +148,7 @@ def tiny_plan() -> BenchPlan:
     model, train = get_preset("tiny")
     return BenchPlan(
         loops=(LoopSpec("tiny", model, train, steps=3, skip=1),),
+        threads=(1,),
         matmul_n=128,
         planner_model=model,
         planner_repeats=1,
@@ -332,6 +340,7 @@ def loop_comparison(
         "flops_per_token": per_token,
         "flops_per_step": flops_per_step,
         "matmul_flops": statistics.median(peak),
+        "matmul_flops_best": max(peak),
         "ratio": statistics.median(lv / pl for lv, pl in zip(lowvram_s, plain_s, strict=True)),
         "lowvram_s": lowvram_s,
         "plain_s": plain_s,
@@ -537,6 +546,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def thread_counts(plan: BenchPlan) -> list[int]:
+    """The torch thread counts the loops run at: ``plan.threads``, or by default torch's
+    current count and then 1 (once, if that is the default)."""
+    if plan.threads:
+        if any(not (isinstance(t, int) and t >= 1) for t in plan.threads):
+            raise ValueError(f"plan.threads={plan.threads!r}: each count must be an integer >= 1")
+        return list(plan.threads)
+    default = torch.get_num_threads()
+    return [default, 1] if default > 1 else [1]
+
+
 def run_all(
     plan: BenchPlan | None = None,
     *,
@@ -556,17 +576,25 @@ def run_all(
     log("import cost (fresh interpreters)")
     results["imports"] = import_cost(plan.import_repeats)
 
-    results["loops"] = {}
-    for spec in plan.loops:
-        log(f"loop overhead and FLOP/s: {spec.name} ({spec.steps} steps + {spec.skip} dropped)")
-        results["loops"][spec.name] = loop_comparison(
-            spec.model, spec.train, steps=spec.steps, skip=spec.skip, matmul_n=plan.matmul_n, log=log
-        )
-    spec = plan.loops[-1]
-    log(f"profiled step: {spec.name}")
-    results["breakdown"] = {
-        "config": spec.name, **step_breakdown(spec.model, spec.train, plan.matmul_n)
-    }
+    results["loops"], results["breakdown"] = [], []
+    default_threads = torch.get_num_threads()
+    try:
+        for threads in thread_counts(plan):
+            torch.set_num_threads(threads)
+            for spec in plan.loops:
+                log(f"loop overhead and FLOP/s: {spec.name}, {threads} threads "
+                    f"({spec.steps} steps + {spec.skip} dropped)")
+                r = loop_comparison(spec.model, spec.train, steps=spec.steps, skip=spec.skip,
+                                    matmul_n=plan.matmul_n, log=log)
+                results["loops"].append({"name": spec.name, "goal": spec is plan.loops[-1], **r})
+            spec = plan.loops[-1]
+            log(f"profiled step: {spec.name}, {threads} threads")
+            results["breakdown"].append({
+                "name": spec.name, "threads": threads,
+                **step_breakdown(spec.model, spec.train, plan.matmul_n),
+            })
+    finally:
+        torch.set_num_threads(default_threads)
 
     log("memory planner")
     results["planner"] = planner_bench(plan.planner_model, plan.planner_micro_batch,
@@ -595,6 +623,10 @@ def _shape(model: dict[str, Any]) -> str:
             f"{model['block_size']}, vocab {model['vocab_size']}")
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
 def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -602,35 +634,32 @@ def _yes(ok: bool) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """The results as one Markdown table: figure, measured, goal, met."""
     rows: list[tuple[str, str, str, str]] = []
-    loops = results["loops"]
-    eff_name = list(loops)[-1]
-    for name, r in loops.items():
-        setup = (f"{name} ({_shape(r['model'])}; batch {r['per_device_train_batch_size']} x accum "
-                 f"{r['gradient_accumulation_steps']}, {r['precision']}, {r['threads']} threads)")
+    for r in results["loops"]:
         rows.append((
-            f"Loop overhead, {setup}: median optimizer step, lowvram / plain PyTorch",
-            f"{r['lowvram_median_s'] * 1e3:.1f} ms / {r['plain_median_s'] * 1e3:.1f} ms = "
+            f"Loop overhead, {r['name']}, {_threads(r['threads'])}: median optimizer step, lowvram / "
+            "plain PyTorch",
+            f"{r['lowvram_median_s'] * 1e3:.1f} ms / {r['plain_median_s'] * 1e3:.1f} ms: "
             f"**{r['ratio']:.3f}** (median of {r['steps']} per-step ratios)",
             "<= 1.05", _yes(r["ratio"] <= 1.05),
         ))
-    for name, r in loops.items():
-        goal = name == eff_name
+    for r in results["loops"]:
         rows.append((
-            f"CPU efficiency, {name} ({r['flops_per_step'] / 1e9:.1f} GFLOP per step): training "
-            "FLOP/s / fp32 matmul FLOP/s",
-            f"lowvram {r['lowvram_flops'] / 1e9:.1f} GFLOP/s / matmul {r['matmul_flops'] / 1e9:.1f} "
-            f"GFLOP/s: **{r['lowvram_efficiency']:.2f}**; plain PyTorch {r['plain_flops'] / 1e9:.1f} "
-            f"GFLOP/s: {r['plain_efficiency']:.2f}",
-            ">= 0.70" if goal else "-", _yes(r["lowvram_efficiency"] >= 0.70) if goal else "-",
+            f"CPU efficiency, {r['name']}, {_threads(r['threads'])}: training FLOP/s / fp32 matmul "
+            "FLOP/s",
+            f"lowvram {r['lowvram_flops'] / 1e9:.1f} GFLOP/s / {r['matmul_flops'] / 1e9:.1f} GFLOP/s "
+            f"(fastest matmul {r['matmul_flops_best'] / 1e9:.0f}): **{r['lowvram_efficiency']:.2f}**; "
+            f"plain PyTorch {r['plain_flops'] / 1e9:.1f} GFLOP/s: {r['plain_efficiency']:.2f}",
+            ">= 0.70" if r["goal"] else "-", _yes(r["lowvram_efficiency"] >= 0.70) if r["goal"] else "-",
         ))
-    b = results["breakdown"]
-    rows.append((
-        f"Where a step's time goes, {b['config']} (one profiled plain PyTorch step)",
-        f"matmuls {b['matmul']:.0%} (running at {b['matmul_efficiency']:.2f} of the reference "
-        f"matmul), attention {b['attention']:.0%}, AdamW {b['optimizer']:.0%}, the rest (LayerNorm, "
-        f"GELU, softmax, loss, clipping, copies) {b['other']:.0%}",
-        "-", "-",
-    ))
+    for b in results["breakdown"]:
+        rows.append((
+            f"Where a step's time goes, {b['name']}, {_threads(b['threads'])} (one profiled plain "
+            "PyTorch step)",
+            f"matmuls {b['matmul']:.0%} (at {b['matmul_efficiency']:.2f} of the reference matmul's "
+            f"FLOP/s), attention {b['attention']:.0%}, AdamW {b['optimizer']:.0%}, the rest "
+            f"(LayerNorm, GELU, softmax, loss, clipping, copies) {b['other']:.0%}",
+            "-", "-",
+        ))
     p = results["planner"]
     rows.append((
         f"Memory planner run time: `measure_step` of {_shape(p['planner_model'])} "
@@ -686,11 +715,16 @@ def readme_section(results: dict[str, Any], command: str) -> str:
             loads += f", {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f} at the end"
         loads += (": other jobs shared these cores, which slows absolute times; the ratios are "
                   "measured side by side and are less affected.")
-    loops = results["loops"]
-    counts = ", ".join(
-        f"{name}: {r['steps']} timed steps, {r['skipped']} dropped first" for name, r in loops.items()
+    first = {r["name"]: r for r in results["loops"]}  # one per config (the counts do not vary)
+    configs = "; ".join(
+        f"**{name}**: {_shape(r['model'])}, batch {r['per_device_train_batch_size']} x accumulation "
+        f"{r['gradient_accumulation_steps']} ({r['tokens_per_step']} tokens, "
+        f"{r['flops_per_step'] / 1e9:.1f} GFLOP per optimizer step), precision "
+        f"{r['precision']!r}, N = {r['matmul_params']:,}" for name, r in first.items()
     )
-    params = ", ".join(f"{name} {r['matmul_params']:,}" for name, r in loops.items())
+    counts = ", ".join(
+        f"{name}: {r['steps']} timed steps after {r['skipped']} dropped" for name, r in first.items()
+    )
     return "\n".join([
         "Generated by `make bench`; do not edit by hand (it is rewritten on every run).",
         "",
@@ -698,6 +732,8 @@ def readme_section(results: dict[str, Any], command: str) -> str:
         f"- **Machine:** {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
         f"torch {m['torch']} ({m['torch_threads']} threads), accelerate {m['accelerate']}, Python "
         f"{m['python']}, {m['platform']}.{loads}",
+        "",
+        f"- **Configs:** {configs}.",
         "",
         format_table(results),
         "",
@@ -710,10 +746,13 @@ def readme_section(results: dict[str, Any], command: str) -> str:
         f"reference matmul, in alternating order; {counts}), so load from other jobs hits both "
         "alike. A step runs from one moment the gradients are complete to the next, so lowvram's "
         "includes accelerate's wrappers, the per-step loss/token reduction, its `.item()` calls "
-        "and the history record. The ratio is the median of the per-step ratios.",
+        "and the history record. The ratio is the median of the per-step ratios. Each runs at "
+        "the machine's default thread count and at 1 thread: with other jobs on the cores, "
+        "2 OpenMP threads wait on each other in every small op (AdamW, LayerNorm, ...) far more "
+        "than in a large matmul, while 1 thread is only time-sliced.",
         "- **CPU efficiency.** Training FLOPs per token = 6 N + 12 n_layer n_embd T (N: parameters "
         "used in matmuls, without the token and position embeddings; the T x T attention term "
-        f"in full; N = {params}), times tokens per step, per second; divided, step by step, by "
+        "in full), times tokens per step, per second; divided, step by step, by "
         f"the FLOP/s of an fp32 `torch.mm` of two {results['matmul_n']} x {results['matmul_n']} "
         "matrices timed next to that step; the median of those ratios.",
         "- **Planner.** `lowvram.memory.measure_step` with its cache cleared each run; the error "
@@ -745,9 +784,11 @@ def write_readme(section: str, path: str | Path = REPO / "README.md") -> None:
 
 # --------------------------------------------------------------------------- command line
 
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # they set torch's threads at start-up
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lowvram.bench [--json] [--write-readme] [--quick] [--tiny]``."""
+    """``python -m lowvram.bench [--json] [--write-readme] [--quick] [--tiny] [--threads N]``."""
     parser = argparse.ArgumentParser(
         prog="python -m lowvram.bench",
         description="Benchmarks of lowvram, measured side by side in one run.",
@@ -760,8 +801,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="skip the notebooks (the slowest part)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny configs, seconds in all (a smoke test: the numbers mean nothing)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads of the loop measurements (default: torch's default "
+                        "count, then 1)")
     args = parser.parse_args(argv)
     plan = tiny_plan() if args.tiny else default_plan()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads={args.threads} is not allowed: use an integer >= 1")
+        plan = dataclasses.replace(plan, threads=(args.threads,))
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -776,7 +824,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_readme:
         flags = [f"--{name.replace('_', '-')}" for name in ("json", "write_readme", "quick", "tiny")
                  if getattr(args, name)]
-        command = " ".join(["python -m lowvram.bench", *flags])
+        if args.threads is not None:
+            flags.append(f"--threads {args.threads}")
+        env = [f"{k}={os.environ[k]}" for k in _THREAD_ENV if k in os.environ]
+        command = " ".join([*env, "python -m lowvram.bench", *flags])
         write_readme(readme_section(results, command), args.readme)
         log(f"wrote the Performance section of {args.readme}")
     return 0

@@ -48,26 +48,38 @@ def test_flops_formula_counts_matmul_parameters() -> None:
 def test_loops_report_times_ratio_and_efficiency(cli_run: tuple[dict, Path]) -> None:
     results, _ = cli_run
     assert results["plan"] == "tiny"
-    assert list(results["loops"]) == ["tiny"]
-    r = results["loops"]["tiny"]
+    assert [(r["name"], r["threads"], r["goal"]) for r in results["loops"]] == [("tiny", 1, True)]
+    r = results["loops"][0]
     assert len(r["lowvram_s"]) == len(r["plain_s"]) == len(r["matmul_s"]) == r["steps"] == 3
     assert all(t > 0 for t in r["lowvram_s"] + r["plain_s"] + r["matmul_s"])
-    for key in ("lowvram_median_s", "plain_median_s", "ratio", "matmul_flops", "lowvram_flops",
-                "plain_flops", "lowvram_efficiency", "plain_efficiency"):
+    for key in ("lowvram_median_s", "plain_median_s", "ratio", "matmul_flops", "matmul_flops_best",
+                "lowvram_flops", "plain_flops", "lowvram_efficiency", "plain_efficiency"):
         assert positive(r[key]), key
+    assert r["matmul_flops_best"] >= r["matmul_flops"]
     assert r["tokens_per_step"] == 2 * 2 * 16
     assert r["flops_per_step"] == (6 * 28544 + 12 * 2 * 32 * 16) * 64
     assert r["lowvram_flops"] == pytest.approx(r["flops_per_step"] / r["lowvram_median_s"])
-    assert r["threads"] >= 1 and r["precision"] == "no"
+    assert r["precision"] == "no"
 
 
 def test_breakdown_shares_add_up(cli_run: tuple[dict, Path]) -> None:
-    b = cli_run[0]["breakdown"]
-    assert b["config"] == "tiny"
+    [b] = cli_run[0]["breakdown"]
+    assert (b["name"], b["threads"]) == ("tiny", 1)
     shares = [b[k] for k in ("matmul", "attention", "optimizer", "other")]
     assert all(0 <= s <= 1 for s in shares)
     assert sum(shares) == pytest.approx(1.0)
     assert b["matmul"] > 0 and positive(b["matmul_efficiency"])
+
+
+def test_thread_counts_default_then_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = bench.default_plan()
+    monkeypatch.setattr(bench.torch, "get_num_threads", lambda: 2)
+    assert bench.thread_counts(plan) == [2, 1]
+    monkeypatch.setattr(bench.torch, "get_num_threads", lambda: 1)
+    assert bench.thread_counts(plan) == [1]
+    assert bench.thread_counts(dataclasses.replace(plan, threads=(3,))) == [3]
+    with pytest.raises(ValueError, match="integer >= 1"):
+        bench.thread_counts(dataclasses.replace(plan, threads=(0,)))
 
 
 def test_planner_time_and_error(cli_run: tuple[dict, Path]) -> None:
@@ -129,7 +141,7 @@ def test_table_marks_goals(cli_run: tuple[dict, Path]) -> None:
     table = bench.format_table(results)
     lines = table.splitlines()
     assert lines[0] == "| Figure | Measured | Goal | Met |"
-    assert sum("Loop overhead, tiny" in line for line in lines) == 1
+    assert sum("Loop overhead, tiny, 1 thread:" in line for line in lines) == 1
     assert any("within 1 %" in line and line.endswith("| yes |") for line in lines)
     failing = {**results, "planner": {**results["planner"], "relative_error": 0.02}}
     assert any("within 1 %" in line and line.endswith("| **no** |")
