@@ -132,13 +132,14 @@ class BenchPlan:
 
 
 def default_plan() -> BenchPlan:
-    """The plan of ``make bench``: about 2-4 minutes on 2 cores, plus the notebooks."""
+    """The plan of ``make bench``: 2-5 minutes on 2 cores (more when they are shared), plus the
+    notebooks (about 10 minutes, most of it 25_3's training run)."""
     demo_model, demo_train = get_preset("cpu-demo")  # batch 4 x accumulation 4, fp32
     mid_train = demo_train.replace(per_device_train_batch_size=4, gradient_accumulation_steps=2)
     return BenchPlan(
         loops=(
-            LoopSpec("cpu-demo", demo_model, demo_train, steps=30, skip=2),
-            LoopSpec("mid-size", MID_MODEL, mid_train, steps=8, skip=1),
+            LoopSpec("cpu-demo", demo_model, demo_train, steps=24, skip=2),
+            LoopSpec("mid-size", MID_MODEL, mid_train, steps=6, skip=1),
         ),
     )
 
@@ -542,7 +543,6 @@ def machine_info() -> dict[str, Any]:
         "accelerate": accelerate.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -573,7 +573,14 @@ def run_all(
         "plan": plan.name, "machine": machine_info(), "matmul_n": plan.matmul_n,
     }
 
-    log("import cost (fresh interpreters)")
+    results["load_samples"] = []
+
+    def stage(name: str) -> None:  # log it, and note the load as it starts
+        log(name)
+        if hasattr(os, "getloadavg"):
+            results["load_samples"].append({"stage": name, "load_1min": os.getloadavg()[0]})
+
+    stage("import cost (fresh interpreters)")
     results["imports"] = import_cost(plan.import_repeats)
 
     results["loops"], results["breakdown"] = [], []
@@ -582,13 +589,13 @@ def run_all(
         for threads in thread_counts(plan):
             torch.set_num_threads(threads)
             for spec in plan.loops:
-                log(f"loop overhead and FLOP/s: {spec.name}, {threads} threads "
+                stage(f"loop overhead and FLOP/s: {spec.name}, {threads} threads "
                     f"({spec.steps} steps + {spec.skip} dropped)")
                 r = loop_comparison(spec.model, spec.train, steps=spec.steps, skip=spec.skip,
                                     matmul_n=plan.matmul_n, log=log)
                 results["loops"].append({"name": spec.name, "goal": spec is plan.loops[-1], **r})
             spec = plan.loops[-1]
-            log(f"profiled step: {spec.name}, {threads} threads")
+            stage(f"profiled step: {spec.name}, {threads} threads")
             results["breakdown"].append({
                 "name": spec.name, "threads": threads,
                 **step_breakdown(spec.model, spec.train, plan.matmul_n),
@@ -596,20 +603,18 @@ def run_all(
     finally:
         torch.set_num_threads(default_threads)
 
-    log("memory planner")
+    stage("memory planner")
     results["planner"] = planner_bench(plan.planner_model, plan.planner_micro_batch,
                                        plan.real_model, plan.real_micro_batch, plan.planner_repeats)
 
     if notebooks:
-        log("notebooks (nbval)")
+        stage("notebooks (nbval)")
         paths = sorted(REPO.glob(plan.notebook_glob))
         results["notebooks"] = notebook_times(paths, log=log)
     else:
         results["notebooks"] = None
 
-    results["machine"]["load_average_end"] = (
-        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    )
+    stage("done")
     results["started_utc"] = started.strftime("%Y-%m-%d %H:%M UTC")
     results["total_s"] = time.perf_counter() - t_start
     return results
@@ -705,16 +710,18 @@ def format_table(results: dict[str, Any]) -> str:
 def readme_section(results: dict[str, Any], command: str) -> str:
     """The text between the README's markers: machine, date, command, table, method."""
     m = results["machine"]
-    load = m["load_average"]
-    load_end = m.get("load_average_end")
     loads = ""
-    if load:
-        loads = (f" Load average (1/5/15 min) {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} at the "
-                 "start")
-        if load_end:
-            loads += f", {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f} at the end"
-        loads += (": other jobs shared these cores, which slows absolute times; the ratios are "
-                  "measured side by side and are less affected.")
+    samples = [x["load_1min"] for x in results.get("load_samples", [])]
+    if samples:
+        loads = (f" 1-min load average {samples[0]:.2f} before the measurements, "
+                 f"{min(samples[1:] or samples):.2f}-{max(samples[1:] or samples):.2f} during them "
+                 "(this includes the benchmark's own 1-2 busy threads).")
+        if samples[0] > 0.5:
+            loads += (" Other jobs shared these cores, so absolute times are slower than on an idle "
+                      "machine. Ratios of steps measured next to each other hold up, but with 2 "
+                      "threads every small op (AdamW, LayerNorm, ...) waits for whichever OpenMP "
+                      "thread is descheduled while a large matmul hardly does: compare the 2-thread "
+                      "rows with the 1-thread rows.")
     first = {r["name"]: r for r in results["loops"]}  # one per config (the counts do not vary)
     configs = "; ".join(
         f"**{name}**: {_shape(r['model'])}, batch {r['per_device_train_batch_size']} x accumulation "
@@ -725,14 +732,18 @@ def readme_section(results: dict[str, Any], command: str) -> str:
     counts = ", ".join(
         f"{name}: {r['steps']} timed steps after {r['skipped']} dropped" for name, r in first.items()
     )
+    notebook_min = ""
+    if results["notebooks"]:
+        seconds = sum(nb["seconds"] for nb in results["notebooks"])
+        notebook_min = f", {seconds / 60:.1f} of them the notebooks"
     return "\n".join([
         "Generated by `make bench`; do not edit by hand (it is rewritten on every run).",
         "",
-        f"- **Command:** `{command}`, {results['started_utc']}, {results['total_s'] / 60:.1f} min in all.",
+        f"- **Command:** `{command}`, {results['started_utc']}, {results['total_s'] / 60:.1f} min "
+        f"in all{notebook_min}.",
         f"- **Machine:** {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
-        f"torch {m['torch']} ({m['torch_threads']} threads), accelerate {m['accelerate']}, Python "
-        f"{m['python']}, {m['platform']}.{loads}",
-        "",
+        f"torch {m['torch']} (default {_threads(m['torch_threads'])}), accelerate "
+        f"{m['accelerate']}, Python {m['python']}, {m['platform']}.{loads}",
         f"- **Configs:** {configs}.",
         "",
         format_table(results),
