@@ -109,7 +109,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # save_state every N optimizer steps (0: only at epoch ends)
     keep_checkpoints: int = 3  # keep the newest N checkpoints
     log_interval: int = 25  # print every N optimizer steps (the seed: 100 micro-steps = 25 steps)
-    drop_last: bool = True  # a short last window would get a smaller gradient (see FACTS 6)
+    drop_last: bool = True  # a short last window is still divided by the full accumulation: a smaller gradient
     seed: int = 1337
     output_dir: str = "runs/rtx2050"
     data_dir: str = "data"

@@ -555,7 +555,7 @@ def build_dataloaders(
     """The seed's loaders over ``TensorDataset``: train shuffled (seeded), val in order.
 
     Each batch is a 1-tuple ``(rows,)`` as in the seed: ``X, Y = batch[0][:, :-1], batch[0][:, 1:]``.
-    Train drops a short last batch by default (FACTS 6); val never drops.
+    Train drops a short last batch by default; val never drops.
     """
     _check_batch_size("batch_size", batch_size)
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size

@@ -36,7 +36,7 @@ def training_device() -> torch.device:
     """The device ``lowvram.train.train(cpu=None)`` trains on: the first CUDA GPU, else the CPU.
 
     Read from torch, not from an ``Accelerator``: creating accelerate's state in the kernel would
-    make a later ``notebook_launcher`` refuse to start (FACTS 8).
+    make a later ``notebook_launcher`` refuse to start.
     """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -53,14 +53,14 @@ def _version(package: str) -> str:
 def _describe_device(device: torch.device) -> str:
     if device.type != "cuda":
         return "CPU (torch sees no CUDA GPU)"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
+    count = torch.cuda.device_count()  # does not initialise CUDA
+    if count > 1:
+        # notebook_launcher forks one process per GPU and refuses once CUDA is initialised
+        # in the kernel; reading a card's properties would initialise it
+        return f"CUDA: {count} GPUs (not queried here, so that notebook_launcher can fork)"
+    props = torch.cuda.get_device_properties(0)
     gib = props.total_memory / 2**30
-    count = torch.cuda.device_count()
-    gpus = f", GPU {index} of {count}" if count > 1 else ""
-    return (
-        f"CUDA: {props.name}, {gib:.1f} GiB, compute capability {props.major}.{props.minor}{gpus}"
-    )
+    return f"CUDA: {props.name}, {gib:.1f} GiB, compute capability {props.major}.{props.minor}"
 
 
 def environment_info(requested_precision: str = "fp16") -> dict[str, str]:

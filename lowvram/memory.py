@@ -129,7 +129,7 @@ CUDA_CONTEXT_BYTES = 270 * MiB
 CUBLAS_WORKSPACE_BYTES = 4096 * 1024 * 2 + 16 * 1024 * 8
 _CUBLAS_WORKSPACE_HOPPER = 4096 * 8 * 1024
 
-RTX2050_CAPABILITY = (8, 6)  # GA107 Ampere (FACTS 27)
+RTX2050_CAPABILITY = (8, 6)  # GA107 Ampere
 
 # Where the activations come from (``MemoryReport.activations_detail``).
 ACTIVATION_PARTS = (
@@ -541,7 +541,7 @@ class _StorageTracker(TorchDispatchMode):
 
 
 def _cross_entropy_like_cuda(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``F.cross_entropy`` as CUDA autocast runs it on 16-bit logits (FACTS 21).
+    """``F.cross_entropy`` as CUDA autocast runs it on 16-bit logits.
 
     ``cross_entropy`` calls ``log_softmax(x, dtype=x.dtype)``, which autocast leaves in 16 bits,
     then ``nll_loss``, which is on CUDA autocast's fp32 list: its input is cast to fp32 and that

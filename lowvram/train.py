@@ -78,6 +78,7 @@ __all__ = [
     "latest_checkpoint",
     "lr_schedule",
     "main",
+    "reset_accelerate_state",
     "resolve_precision",
     "schedule_steps",
     "train",
@@ -114,7 +115,7 @@ def count_optimizer_steps(
     """Optimizer steps of a run whose prepared train loader yields ``num_batches`` per process.
 
     accelerate syncs every ``gradient_accumulation_steps`` micro-batches *and* on the last
-    batch of each epoch (FACTS 6), so an epoch has ``ceil(num_batches / accumulation)`` steps.
+    batch of each epoch, so an epoch has ``ceil(num_batches / accumulation)`` steps.
     ``max_steps``, when set, overrides the epochs (the loop runs as many epochs as it needs).
     """
     for name, value in (
@@ -157,7 +158,7 @@ def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int, 
             "shorter than training (0 <= warmup_steps < total_steps); lower the warmup or train "
             "for more steps"
         )
-    from transformers import get_linear_schedule_with_warmup  # ~1 s of import: lazily (FACTS 10)
+    from transformers import get_linear_schedule_with_warmup  # ~1 s of import: lazily
 
     return get_linear_schedule_with_warmup(
         optimizer, num_warmup_steps=warmup * scale, num_training_steps=total * scale
@@ -210,7 +211,7 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
             f"bf16 autocast on {device.type}: accelerate supports it there; it saves memory but "
             "may be slower than fp32 on CPUs without native bf16 instructions"
         )
-    # fp16 on a CPU. accelerate would silently run fp32 and still report "fp16" (FACTS 1).
+    # fp16 on a CPU. accelerate would silently run fp32 and still report "fp16".
     # We choose fp32 and say so, rather than bf16: on a CPU memory is rarely the limit, bf16
     # matmuls are slower than fp32 on CPUs without AVX512-BF16/AMX, and bf16 would not show
     # what fp16 is about (a GradScaler) anyway; fp32 is also the reference every other run is
@@ -227,7 +228,7 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
 def force_grad_scaler(accelerator: Accelerator, init_scale: float = 2.0**16) -> None:
     """Make a CPU Accelerator behave like fp16 on a GPU: fp16 autocast plus a GradScaler.
 
-    For demonstrations and tests only (FACTS 2): the Accelerator must have been created with
+    For demonstrations and tests only: the Accelerator must have been created with
     ``mixed_precision="fp16"``; call this before ``accelerator.prepare``. ``init_scale`` is
     GradScaler's first loss scale (a larger one overflows and skips the first steps).
     """
@@ -584,9 +585,9 @@ def _evaluate(accelerator: Accelerator, model: torch.nn.Module, val_loader) -> f
     return torch.cat(losses).mean().item()
 
 
-def _reset_accelerate_state() -> None:
+def reset_accelerate_state() -> None:
     """Forget this process's Accelerator so that the next ``train`` (or a ``notebook_launcher``)
-    can start one with other settings; accelerate refuses otherwise (FACTS 8)."""
+    can start one with other settings; accelerate refuses otherwise."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
@@ -617,7 +618,7 @@ def train(
             ``"latest"``: the newest complete one under ``train_config.output_dir``.
         progress: a progress bar on the main process.
         cpu: None uses the CUDA GPU if there is one, else the CPU (then launched processes
-            do real data-parallel training over gloo, FACTS 7); True forces the CPU.
+            do real data-parallel training over gloo); True forces the CPU.
         _force_grad_scaler: fp16 autocast and a GradScaler on the CPU (tests and the notebook).
         _grad_hook: called with the model at each optimizer step, after the gradients are
             complete and before clipping (tests).
@@ -647,8 +648,8 @@ def train(
     # 2. The Accelerator, created inside the function: notebook_launcher and accelerate launch
     #    can then run this function in each process. seed: it was a module-level global.
     accelerator = Accelerator(
-        cpu=cpu,  # seed: no cpu=; on a CPU box the launched processes would not talk (FACTS 7)
-        mixed_precision=precision,  # seed: 'fp16' even where it silently runs fp32 (FACTS 1)
+        cpu=cpu,  # seed: no cpu=; on a CPU box the launched processes would not talk
+        mixed_precision=precision,  # seed: 'fp16' even where it silently runs fp32
         gradient_accumulation_steps=train_config.gradient_accumulation_steps,
         # seed: a plain shuffle; a seedable sampler makes the order depend on (seed, epoch)
         # only, the same for 1 and 2 processes and reproducible when resuming mid-epoch
@@ -680,7 +681,7 @@ def train(
     finally:
         accelerator.end_training()
         if accelerator.num_processes == 1:
-            _reset_accelerate_state()
+            reset_accelerate_state()
     accelerator.free_memory()  # the model, optimizer and their GPU memory: a retry can fit
     raise _out_of_memory(out_of_memory, model_config, train_config, precision, device)
 
@@ -740,7 +741,7 @@ def _train_loop(
     model = GPTModel(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.max_lr, weight_decay=tc.weight_decay)
     # seed: total_steps = len(train_dataloader) * NUM_EPOCHS // GRADIENT_ACCUMULATION_STEPS.
-    # Counted here in optimizer steps of one process (FACTS 5). The prepared scheduler ticks
+    # Counted here in optimizer steps of one process. The prepared scheduler ticks
     # num_processes times per optimizer step (it assumes the LR is counted in samples of one
     # process), so its lengths are scaled by num_processes: the LR of step k is then the same
     # for any number of processes. (split_batches=True would tick once, but it would also
@@ -836,10 +837,10 @@ def _train_loop(
             X, Y = batch[0][:, :-1], batch[0][:, 1:]
             with accelerator.accumulate(model):
                 logits, loss = model(X, Y)
-                accelerator.backward(loss)  # divides the loss by accum (FACTS 3)
+                accelerator.backward(loss)  # divides the loss by accum
                 # seed: clipped on every micro-step. With fp16's GradScaler that raises
                 # "unscale_() has already been called" at the 2nd micro-step; without one it
-                # clips partial sums. Clip once, when the gradients are complete (FACTS 2).
+                # clips partial sums. Clip once, when the gradients are complete.
                 if accelerator.sync_gradients:
                     if grad_hook is not None:
                         grad_hook(model)

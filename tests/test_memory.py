@@ -155,7 +155,7 @@ def test_cuda_target_counts_workspace_and_overheads() -> None:
 
 
 def test_seed_config_numbers() -> None:
-    """The full rtx2050 model: fp16 is nowhere near half of fp32 (FACTS 22)."""
+    """The full rtx2050 model: fp16 is nowhere near half of fp32."""
     cfg = get_preset("rtx2050")[0]
     fp32 = measure_step(cfg, 4, "no")
     fp16 = measure_step(cfg, 4, "fp16")

@@ -20,11 +20,11 @@ import lowvram.train
 from lowvram.config import get_preset
 from lowvram.model import GPTModel
 from lowvram.train import (
-    _reset_accelerate_state,
     count_optimizer_steps,
     force_grad_scaler,
     lr_schedule,
     main,
+    reset_accelerate_state,
     resolve_precision,
     schedule_steps,
     train,
@@ -62,7 +62,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_count_optimizer_steps():
     assert count_optimizer_steps(40, 4, 1) == 10
-    assert count_optimizer_steps(41, 4, 1) == 11  # the short last window is a step (FACTS 6)
+    assert count_optimizer_steps(41, 4, 1) == 11  # the short last window is a step
     assert count_optimizer_steps(9, 2, 3) == 15
     assert count_optimizer_steps(9, 2, 3, max_steps=7) == 7  # max_steps overrides the epochs
     # the seed's formula, len * epochs // accum, loses the short windows
@@ -163,7 +163,7 @@ def test_seed_loop_with_grad_scaler_raises():
                     optimizer.zero_grad()
         assert micro_step == 1  # the 2nd micro-step
     finally:
-        _reset_accelerate_state()
+        reset_accelerate_state()
 
 
 def test_loop_with_grad_scaler_runs(tmp_path):
