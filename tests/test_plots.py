@@ -63,3 +63,9 @@ def test_load_history_errors(tmp_path):
         load_history(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="no 'steps'"):
         load_history({"val": []})
+
+
+def test_loss_title_names_the_precision_and_processes():
+    assert plot_losses(HISTORY).axes[0].get_title() == "loss (fp32, 1 process)"
+    two = {**HISTORY, "precision": "fp16", "num_processes": 2}
+    assert plot_losses(two).axes[0].get_title() == "loss (fp16, 2 processes)"
