@@ -613,6 +613,19 @@ def _mark_regions(model: GPTModel, tracker: _StorageTracker) -> None:
     model.ln_f.register_forward_pre_hook(enter("head_and_loss"))
 
 
+def _with_options(
+    model_config: ModelConfig, tie: bool | None, checkpointing: bool | None
+) -> ModelConfig:
+    """The model config with ``tie`` / ``checkpointing`` applied (None keeps the config's)."""
+    return dataclasses.replace(
+        model_config,
+        tie_embeddings=model_config.tie_embeddings if tie is None else bool(tie),
+        gradient_checkpointing=(
+            model_config.gradient_checkpointing if checkpointing is None else bool(checkpointing)
+        ),
+    )
+
+
 def measure_step(
     model_config: ModelConfig,
     micro_batch: int,
@@ -644,13 +657,7 @@ def measure_step(
         cuda_capability: the GPU's compute capability: it sets the cuBLAS workspace size.
     """
     _check_options(micro_batch, precision, optimizer, target)
-    cfg = dataclasses.replace(
-        model_config,
-        tie_embeddings=model_config.tie_embeddings if tie is None else bool(tie),
-        gradient_checkpointing=(
-            model_config.gradient_checkpointing if checkpointing is None else bool(checkpointing)
-        ),
-    )
+    cfg = _with_options(model_config, tie, checkpointing)
     return _measure_cached(cfg, micro_batch, precision, optimizer, target, keep_logits,
                            max_grad_norm, tuple(cuda_capability))
 
@@ -1069,13 +1076,7 @@ def real_cpu_peaks(
     from torch.profiler import ProfilerActivity, profile, record_function
 
     _check_options(micro_batch, precision, optimizer, "cpu")
-    cfg = dataclasses.replace(
-        model_config,
-        tie_embeddings=model_config.tie_embeddings if tie is None else bool(tie),
-        gradient_checkpointing=(
-            model_config.gradient_checkpointing if checkpointing is None else bool(checkpointing)
-        ),
-    )
+    cfg = _with_options(model_config, tie, checkpointing)
     open_ranges: list[record_function] = []
 
     def on_phase(step: int, phase: str) -> None:
