@@ -14,8 +14,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_STAMP := data/.prepared
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
-# nbval and nbconvert kernels: no fd capture (matches nbval), warnings filtered at their cause
-NB_ENV := PYTHONHASHSEED=0 TQDM_MININTERVAL=1000
+# the same environment for nbconvert (regenerating) and nbval (checking)
+NB_ENV := PYTHONHASHSEED=0
 
 .PHONY: install data lab test unit nbval notebooks lint bench constraints clean
 
