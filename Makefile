@@ -3,7 +3,7 @@
 # are quick the second time (a stamp file remembers the install).
 #
 # torch comes from TORCH_SPEC, installed before everything else, so that you choose the build:
-#   make lab TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu121"   # a GPU laptop
+#   make lab TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"  # GPU
 #   make test TORCH_SPEC="torch==2.13.0"                                             # CI: CPU wheel
 # Everything else is pinned by constraints.txt so that stored notebook outputs do not drift.
 
@@ -14,10 +14,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_STAMP := data/.prepared
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
-# the same environment for nbconvert (regenerating) and nbval (checking)
+# the same environment for nbconvert (regenerating), nbval (checking) and make bench
 NB_ENV := PYTHONHASHSEED=0
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+# Other learners' CPUs, emulated on this one (PyTorch's and oneDNN's kernel choice, threads):
+# a laptop with no vector units, and an AVX2 laptop with more threads than this machine has.
+# Each is set for its own subprocess only (env VAR=... command), never for the whole make.
+PORTABLE_CPUS := \
+	"ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 OMP_NUM_THREADS=1" \
+	"ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=3"
 
-.PHONY: install data lab test unit nbval notebooks lint bench constraints clean
+.PHONY: install data lab test test-native test-portable unit notebooks lint bench constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,15 +50,27 @@ lab: install data
 lint: install
 	$(PY) -m ruff check .
 
-# The whole suite: lint, unit tests, and strict nbval over every notebook (one pytest run).
-test: install data lint
-	$(NB_ENV) $(PY) -m pytest tests $(NOTEBOOKS) \
-		$(if $(NOTEBOOKS),--nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg)
+# The whole suite: lint, unit tests and strict nbval over every notebook on this CPU, then the
+# notebooks again under each emulated CPU, and once as JupyterLab runs them (fd output captured).
+test: test-native test-portable
+
+test-native: install data lint
+	$(NB_ENV) $(PY) -m pytest tests $(NOTEBOOKS) $(if $(NOTEBOOKS),$(NBVAL))
+
+# Stored outputs must hold on every learner's CPU, not only on the one that stored them.
+test-portable: install data
+	@set -e; for cpu in $(PORTABLE_CPUS); do \
+		echo "== strict nbval as on another CPU: $$cpu"; \
+		env $$cpu $(NB_ENV) $(PY) -m pytest -q -p no:cacheprovider $(NOTEBOOKS) $(NBVAL); \
+	done
+	@echo "== every notebook as JupyterLab runs it: no stderr that the stored notebook lacks"
+	$(NB_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/check_notebook_stderr.py
 
 unit: install
 	$(PY) -m pytest tests
 
-# Regenerate every stored notebook output, in nbval's kernel settings (FACTS 14).
+# Regenerate every stored notebook output, in nbval's kernel settings: nbval's kernel does not
+# forward output written straight to the process's file descriptors, so neither may this one.
 notebooks: install data
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
 		echo "== $$nb"; \

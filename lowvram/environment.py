@@ -16,17 +16,34 @@ memory are shown; a learner's stored outputs are theirs to differ.
 
 from __future__ import annotations
 
+import os
 import platform
+import shutil
 import textwrap
 import warnings
 from importlib import metadata
 
 import torch
 
-__all__ = ["LIBRARIES", "environment_info", "environment_summary", "training_device"]
+__all__ = [
+    "CUDA_TORCH_FIX",
+    "LIBRARIES",
+    "cpu_build_on_gpu_machine",
+    "environment_info",
+    "environment_summary",
+    "training_device",
+]
 
 # The libraries whose versions a learner compares first when a notebook misbehaves.
 LIBRARIES = ("torch", "accelerate", "transformers", "tokenizers")
+
+# The one command that replaces a CPU build of torch with the CUDA build of the version that
+# constraints.txt and the stored outputs are made for. PyTorch's install page lists cu126, cu128
+# and cu130 wheel indexes for its recent releases; cu130 is the newest (driver >= 580). The exact
+# version pin makes pip fail loudly, instead of falling back to a CPU build, if the index lacks it.
+CUDA_TORCH_FIX = (
+    "pip install --force-reinstall torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
+)
 
 _PRECISION_NAMES = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _LABEL_WIDTH = 14
@@ -39,6 +56,24 @@ def training_device() -> torch.device:
     make a later ``notebook_launcher`` refuse to start.
     """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_build_on_gpu_machine() -> str | None:
+    """A warning when this machine has an NVIDIA GPU but torch is a CPU build, else None.
+
+    The usual way a Windows RTX 2050 laptop ends up training on its CPU: pip took PyPI's torch,
+    which is CPU-only on Windows. The GPU is detected without torch (``nvidia-smi`` on the PATH,
+    or the Linux driver's ``/proc/driver/nvidia/version``), since a CPU build cannot see it.
+    """
+    if torch.version.cuda is not None:  # a CUDA build: torch.cuda reports the GPU itself
+        return None
+    if shutil.which("nvidia-smi") is None and not os.path.exists("/proc/driver/nvidia/version"):
+        return None
+    return (
+        f"WARNING: this machine has an NVIDIA GPU (its driver is installed), but torch "
+        f"{torch.__version__} is a CPU build (torch.version.cuda is None), so everything "
+        f"runs on the CPU. Install the CUDA build:\n    {CUDA_TORCH_FIX}"
+    )
 
 
 def _version(package: str) -> str:
@@ -106,4 +141,7 @@ def environment_summary(requested_precision: str = "fp16") -> str:
     lines += textwrap.wrap(
         info["precision_reason"], width=90, initial_indent=indent, subsequent_indent=indent
     )
+    problem = cpu_build_on_gpu_machine()
+    if problem:  # loud, first: every other line is about the CPU it will run on
+        lines.insert(0, problem + "\n")
     return "\n".join(lines)

@@ -112,3 +112,63 @@ def test_every_library_is_listed():
 def test_unknown_precision_is_refused_with_the_value():
     with pytest.raises(ValueError, match=r"mixed_precision='fp8'.*'no'.*'fp16'.*'bf16'"):
         environment_summary("fp8")
+
+
+def _fake_machine(monkeypatch, *, cuda_build: str | None, nvidia_smi: bool, proc_driver: bool):
+    """torch's build (torch.version.cuda) and what the machine says about an NVIDIA driver."""
+    import os
+    import shutil
+
+    import lowvram.environment as env
+
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real_which, real_exists = shutil.which, os.path.exists
+    monkeypatch.setattr(
+        env.shutil,
+        "which",
+        lambda name: ("/usr/bin/nvidia-smi" if nvidia_smi else None)
+        if name == "nvidia-smi"
+        else real_which(name),
+    )
+    monkeypatch.setattr(
+        env.os.path,
+        "exists",
+        lambda path: proc_driver if path == "/proc/driver/nvidia/version" else real_exists(path),
+    )
+
+
+@pytest.mark.parametrize(("nvidia_smi", "proc_driver"), [(True, False), (False, True)])
+def test_a_cpu_build_on_a_gpu_machine_is_said_loudly_first(monkeypatch, nvidia_smi, proc_driver):
+    from lowvram.environment import CUDA_TORCH_FIX, cpu_build_on_gpu_machine
+
+    _fake_machine(monkeypatch, cuda_build=None, nvidia_smi=nvidia_smi, proc_driver=proc_driver)
+    problem = cpu_build_on_gpu_machine()
+    assert problem is not None and problem.startswith("WARNING: this machine has an NVIDIA GPU")
+    assert "CPU build" in problem and CUDA_TORCH_FIX in problem
+    summary = environment_summary("fp16")
+    assert summary.startswith(problem)  # before the versions, where a learner looks first
+    assert "torch==2.13.0" in CUDA_TORCH_FIX and "--index-url" in CUDA_TORCH_FIX
+
+
+@pytest.mark.parametrize(
+    ("cuda_build", "nvidia_smi"), [(None, False), ("13.0", True), ("12.8", False)]
+)
+def test_no_warning_without_a_gpu_or_with_a_cuda_build(monkeypatch, cuda_build, nvidia_smi):
+    from lowvram.environment import cpu_build_on_gpu_machine
+
+    _fake_machine(monkeypatch, cuda_build=cuda_build, nvidia_smi=nvidia_smi, proc_driver=False)
+    assert cpu_build_on_gpu_machine() is None
+    assert environment_summary("fp16").startswith("python ")
+
+
+def test_the_fix_pins_the_torch_that_ci_installs():
+    """The CUDA command installs the same torch version as the Makefile's CI default."""
+    from pathlib import Path
+
+    from lowvram.environment import CUDA_TORCH_FIX
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    pinned = next(line.split("?=")[1].strip() for line in makefile.splitlines()
+                  if line.startswith("TORCH_SPEC ?="))
+    assert pinned in CUDA_TORCH_FIX
