@@ -16,9 +16,11 @@ memory are shown; a learner's stored outputs are theirs to differ.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import shutil
+import sys
 import textwrap
 import warnings
 from importlib import metadata
@@ -31,6 +33,7 @@ __all__ = [
     "cpu_build_on_gpu_machine",
     "environment_info",
     "environment_summary",
+    "notebook_launcher_problem",
     "training_device",
 ]
 
@@ -74,6 +77,26 @@ def cpu_build_on_gpu_machine() -> str | None:
         f"{torch.__version__} is a CPU build (torch.version.cuda is None), so everything "
         f"runs on the CPU. Install the CUDA build:\n    {CUDA_TORCH_FIX}"
     )
+
+
+def notebook_launcher_problem(num_processes: int) -> str | None:
+    """Why ``accelerate.notebook_launcher(..., num_processes)`` cannot run here, else None.
+
+    With more than one process, accelerate's ``notebook_launcher`` starts them with
+    ``start_method="fork"`` (its source: ``torch.multiprocessing.start_processes(...,
+    start_method="fork")``). Windows has no ``fork()``, so there it fails; a notebook cell asks
+    this first and skips itself with the message instead of failing.
+    """
+    if num_processes <= 1:
+        return None  # one process: notebook_launcher calls the function in the kernel itself
+    if sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods():
+        return (
+            f"skipped: notebook_launcher needs fork() to start {num_processes} processes from a "
+            f"notebook, and {sys.platform} has none. Run the same training as a script in a "
+            f"terminal instead: accelerate launch --multi_gpu --num_processes {num_processes} "
+            f"-m lowvram.train --preset cpu-demo (or use WSL2, where fork works)"
+        )
+    return None
 
 
 def _version(package: str) -> str:

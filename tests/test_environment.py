@@ -172,3 +172,27 @@ def test_the_fix_pins_the_torch_that_ci_installs():
     pinned = next(line.split("?=")[1].strip() for line in makefile.splitlines()
                   if line.startswith("TORCH_SPEC ?="))
     assert pinned in CUDA_TORCH_FIX
+
+
+@pytest.mark.parametrize(("platform_name", "methods", "skipped"), [
+    ("win32", ["spawn"], True),
+    ("linux", ["fork", "spawn", "forkserver"], False),
+    ("darwin", ["spawn", "fork", "forkserver"], False),
+    ("emscripten", ["spawn"], True),  # any platform without fork
+])
+def test_notebook_launcher_cell_skips_itself_where_there_is_no_fork(
+    monkeypatch, platform_name, methods, skipped
+):
+    import multiprocessing
+    import sys
+
+    from lowvram.environment import notebook_launcher_problem
+
+    monkeypatch.setattr(sys, "platform", platform_name)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: methods)
+    problem = notebook_launcher_problem(2)
+    assert (problem is not None) == skipped
+    if skipped:
+        assert problem.startswith("skipped:") and "fork()" in problem
+        assert "accelerate launch --multi_gpu --num_processes 2" in problem and "WSL2" in problem
+    assert notebook_launcher_problem(1) is None  # one process runs in the kernel: no fork
