@@ -13,7 +13,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_STAMP := data/.prepared
-NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb notebooks/solutions/*.ipynb))
 # the same environment for nbconvert (regenerating), nbval (checking) and make bench
 NB_ENV := PYTHONHASHSEED=0
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
@@ -72,9 +72,9 @@ unit: install
 # Regenerate every stored notebook output, in nbval's kernel settings: nbval's kernel does not
 # forward output written straight to the process's file descriptors, so neither may this one.
 notebooks: install data
-	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
+	for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; \
-		$(NB_ENV) ../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+		$(NB_ENV) $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 			--ExecutePreprocessor.timeout=900 \
 			--ExecutePreprocessor.record_timing=False \
 			--ExecutePreprocessor.extra_arguments="['--IPKernelApp.capture_fd_output=False']" \
