@@ -1,24 +1,32 @@
 """Figures of a training run, from its history (the dict ``train`` returns, or history.json)::
 
     from lowvram.plots import plot_losses, plot_lr, plot_lr_schedule
-    fig = plot_losses("runs/cpu-demo/history.json")   # train loss per optimizer step + val points
-    fig = plot_lr(history)                             # the LR each optimizer step ran at
+    fig = plot_losses("runs/cpu-demo/history.json")    # train loss per optimizer step + val points
+    fig = plot_losses("runs/cpu-demo", "runs/launched")  # several runs on one plot
+    fig = plot_lr(history)                              # planned schedule and the LR each step ran at
     fig = plot_lr_schedule(warmup_steps=10, total_steps=200, max_lr=2e-3)   # before training
 
-Each function returns the matplotlib Figure (matplotlib is imported only when one is called);
-in a notebook end the cell with ``plt.show()``.
+The figures are labelled in Azerbaijani, the language of the notebooks they are drawn in; the
+loss plots carry the ln(V) line, the loss of a model that guesses uniformly over the vocabulary,
+where an untrained model starts. Each function returns the matplotlib Figure (matplotlib is
+imported only when one is called); in a notebook end the cell with ``plt.show()``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["load_history", "plot_losses", "plot_lr", "plot_lr_schedule"]
+__all__ = ["load_history", "plot_losses", "plot_lr", "plot_lr_schedule", "run_label"]
+
+_STEP = "optimizator addımı"
+_PRECISION = {"no": "fp32"}
 
 
 def load_history(history_or_path: dict[str, Any] | str | Path) -> dict[str, Any]:
@@ -43,52 +51,102 @@ def load_history(history_or_path: dict[str, Any] | str | Path) -> dict[str, Any]
     return history
 
 
-def plot_losses(history_or_path: dict[str, Any] | str | Path) -> Figure:
-    """Training loss per optimizer step (a line) and validation loss (points)."""
+def run_label(history: dict[str, Any]) -> str:
+    """How a run is named on a plot: its precision and process count, e.g. 'fp32, 2 proses'."""
+    precision = history.get("precision", "?")
+    return f"{_PRECISION.get(precision, precision)}, {history.get('num_processes', 1)} proses"
+
+
+def _vocab_size(history: dict[str, Any]) -> int | None:
+    return history.get("config", {}).get("model", {}).get("vocab_size")
+
+
+def plot_losses(
+    *histories_or_paths: dict[str, Any] | str | Path, labels: Sequence[str] | None = None
+) -> Figure:
+    """Training loss per optimizer step (a line) and validation loss (points) of one or more runs.
+
+    Args:
+        histories_or_paths: one or more histories (dicts, history.json files or run folders).
+        labels: a legend name per run; by default its precision and process count.
+
+    With several runs (e.g. 1 process and 2 processes at the same effective batch) the curves
+    share the axes, so a learner sees whether they agree. The dashed line is ln(V).
+    """
     import matplotlib.pyplot as plt
 
-    history = load_history(history_or_path)
+    if not histories_or_paths:
+        raise ValueError("plot_losses needs at least one history (dict, history.json or folder)")
+    histories = [load_history(h) for h in histories_or_paths]
+    if labels is None:
+        labels = [run_label(h) for h in histories]
+    if len(labels) != len(histories):
+        raise ValueError(f"{len(histories)} histories but {len(labels)} labels")
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = history["steps"]
-    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1, label="train")
-    val = history.get("val", [])
-    ax.plot([v["step"] for v in val], [v["loss"] for v in val], "o", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss")
-    precision = {"no": "fp32"}.get(history.get("precision"), history.get("precision", "?"))
-    n = history.get("num_processes", 1)
-    ax.set_title(f"loss ({precision}, {n} process{'es' if n != 1 else ''})")
+    for history, label, style in zip(histories, labels, ("-", "--", ":", "-."), strict=False):
+        steps, val = history["steps"], history.get("val", [])
+        (line,) = ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], style, lw=1,
+                          label=f"təlim ({label})")
+        ax.plot([v["step"] for v in val], [v["loss"] for v in val], "o", color=line.get_color(),
+                mfc="none" if style != "-" else line.get_color(), label=f"validasiya ({label})")
+    vocab_sizes = {_vocab_size(h) for h in histories} - {None}
+    for vocab in sorted(vocab_sizes):
+        ax.axhline(math.log(vocab), color="gray", ls="--", lw=1,
+                   label=f"ln(V) = ln({vocab}) = {math.log(vocab):.2f}: təsadüfi təxmin")
+    ax.set_xlabel(_STEP)
+    ax.set_ylabel("çarpaz entropiya itkisi")
+    if len(histories) == 1:
+        ax.set_title(f"İtki ({labels[0]})")
+    else:
+        ax.set_title("İtki: " + " və ".join(labels))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def _plot_lr_values(steps: list[int], lrs: list[float], title: str) -> Figure:
+def _lr_axes(title: str):  # noqa: ANN202 (matplotlib types are imported lazily)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot(steps, lrs, lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("learning rate")
+    ax.set_xlabel(_STEP)
+    ax.set_ylabel("öyrənmə sürəti (LR)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return fig, ax
 
 
 def plot_lr(history_or_path: dict[str, Any] | str | Path) -> Figure:
-    """The learning rate each optimizer step of a run ran at."""
+    """The planned schedule (a line) and the LR each optimizer step of a run ran at (points).
+
+    The plan is the linear warmup-then-decay schedule for the run's ``warmup_steps``,
+    ``total_steps`` and ``max_lr``; if the points leave the line, the scheduler stepped in other
+    units than the optimizer (the lesson's defect that ``lowvram.train`` corrects).
+    """
+    from lowvram.train import lr_schedule  # lazily: the schedule's module imports accelerate
+
     history = load_history(history_or_path)
     steps = history["steps"]
-    title = f"learning rate (warmup {history.get('warmup_steps', '?')} of {history.get('total_steps', '?')} steps)"
-    return _plot_lr_values([s["step"] for s in steps], [s["lr"] for s in steps], title)
+    warmup, total = history.get("warmup_steps"), history.get("total_steps")
+    fig, ax = _lr_axes(f"LR: planlaşdırılan və faktiki (isinmə {warmup}, cəmi {total} addım)")
+    max_lr = history.get("config", {}).get("train", {}).get("max_lr")
+    if warmup is not None and total and max_lr is not None:
+        ax.plot(range(1, total + 1), lr_schedule(warmup, total, max_lr), lw=1.5,
+                label="planlaşdırılan")
+    ax.plot([s["step"] for s in steps], [s["lr"] for s in steps], ".", ms=3,
+            label="faktiki (hər addımın LR-i)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def plot_lr_schedule(warmup_steps: int, total_steps: int, max_lr: float) -> Figure:
     """The linear warmup-then-decay schedule the loop will use, before any training."""
     from lowvram.train import lr_schedule
 
-    lrs = lr_schedule(warmup_steps, total_steps, max_lr)
-    title = f"linear schedule: warmup {warmup_steps} of {total_steps} steps, peak {max_lr:g}"
-    return _plot_lr_values(list(range(1, total_steps + 1)), lrs, title)
+    fig, ax = _lr_axes(
+        f"Xətti cədvəl: isinmə {warmup_steps}, cəmi {total_steps} addım, pik {max_lr:g}"
+    )
+    ax.plot(range(1, total_steps + 1), lr_schedule(warmup_steps, total_steps, max_lr), lw=1.5)
+    fig.tight_layout()
+    return fig
