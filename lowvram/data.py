@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowvram.config import PRESETS, ModelConfig, get_preset
+from lowvram.config import PRESETS, ModelConfig, check_positive_int, get_preset
 
 if TYPE_CHECKING:  # tokenizers is imported lazily: `import lowvram.data` stays light
     from tokenizers import Tokenizer
@@ -74,6 +74,8 @@ __all__ = [
     "load_tokenizer",
     "main",
     "prepare_data",
+    "random_rows",
+    "rows_fingerprint",
     "split_rows",
     "summary",
     "tokenizer_path",
@@ -89,6 +91,8 @@ EOT_TOKEN = "<|endoftext|>"  # separates the works, as GPT-2 separates documents
 VAL_FRACTION = 0.1  # the last 10% of the rows are the validation set
 _MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>: every byte sequence stays encodable
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# nanoGPT-style token files are uint16; torch has no min/max for these: widen them first
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 _FIX = "run `python -m lowvram.data` (or `make data`) to prepare it"
 
 
@@ -440,6 +444,8 @@ def check_rows(data: object, model_config: ModelConfig, name: str = "data") -> t
         raise ValueError(
             f"{name} holds an empty tensor (shape {list(data.shape)}): it needs at least one row of token ids"
         )
+    if data.dtype in _WIDE_UNSIGNED:
+        data = data.to(torch.long)  # uint64 ids >= 2**63 become negative: refused below
     if data.dtype not in _INTEGER_DTYPES:
         raise ValueError(
             f"{name} has dtype {data.dtype}, but token ids must be integers (torch.long); "
@@ -518,12 +524,22 @@ def load_datasets(
     return load_split(own[0], model_config), load_split(own[1], model_config)
 
 
+
+def random_rows(model_config: ModelConfig, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` rows ``[n, block_size + 1]`` of uniformly random token ids (seeded): stand-in data
+    for benchmarks and tests, where what the model learns does not matter."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model_config.vocab_size, (n, model_config.block_size + 1), generator=g)
+
+
+def rows_fingerprint(rows: torch.Tensor) -> str:
+    """A sha256 of the rows' shape and token ids: the train data's identity in a checkpoint, so
+    that resuming with other data (the same length, other rows) is refused. ~0.3 s per 100 MB."""
+    digest = hashlib.sha256(str(list(rows.shape)).encode())
+    digest.update(rows.to(torch.long).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
 # ----------------------------------------------------------------------------- batches
-
-
-def _check_batch_size(name: str, value: object) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{name}={value!r} is not allowed: {name} must be a positive integer")
 
 
 def get_batch(
@@ -533,7 +549,7 @@ def get_batch(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Day 22: ``batch_size`` random rows; X = row[:-1], Y = row[1:] (the next token)."""
-    _check_batch_size("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2:
         raise ValueError(
             f"data has shape {list(data.shape)}: get_batch needs rows [N>=1, block_size+1>=2]"
@@ -557,9 +573,9 @@ def build_dataloaders(
     Each batch is a 1-tuple ``(rows,)`` as in the seed: ``X, Y = batch[0][:, :-1], batch[0][:, 1:]``.
     Train drops a short last batch by default; val never drops.
     """
-    _check_batch_size("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-    _check_batch_size("eval_batch_size", eval_batch_size)
+    check_positive_int("eval_batch_size", eval_batch_size)
     if drop_last and len(train) < batch_size:
         raise ValueError(
             f"train has {len(train)} rows, fewer than batch_size={batch_size}: with drop_last=True "
