@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lowvram.precision import PRECISION_LABELS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -55,7 +57,7 @@ def plot_losses(history_or_path: dict[str, Any] | str | Path) -> Figure:
     ax.plot([v["step"] for v in val], [v["loss"] for v in val], "o", label="validation")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")
-    precision = {"no": "fp32"}.get(history.get("precision"), history.get("precision", "?"))
+    precision = PRECISION_LABELS.get(history.get("precision"), history.get("precision", "?"))
     n = history.get("num_processes", 1)
     ax.set_title(f"loss ({precision}, {n} process{'es' if n != 1 else ''})")
     ax.grid(alpha=0.3)
@@ -87,7 +89,7 @@ def plot_lr(history_or_path: dict[str, Any] | str | Path) -> Figure:
 
 def plot_lr_schedule(warmup_steps: int, total_steps: int, max_lr: float) -> Figure:
     """The linear warmup-then-decay schedule the loop will use, before any training."""
-    from lowvram.train import lr_schedule
+    from lowvram.schedule import lr_schedule
 
     lrs = lr_schedule(warmup_steps, total_steps, max_lr)
     title = f"linear schedule: warmup {warmup_steps} of {total_steps} steps, peak {max_lr:g}"
