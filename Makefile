@@ -51,7 +51,8 @@ test: install data lint
 unit: install
 	$(PY) -m pytest tests
 
-# Regenerate every stored notebook output, in nbval's kernel settings (FACTS 14).
+# Regenerate every stored notebook output in nbval's kernel settings: nbval's kernel does not
+# capture fd-level output, so the stored outputs must be made without it too.
 notebooks: install data
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
 		echo "== $$nb"; \
@@ -62,8 +63,9 @@ notebooks: install data
 			$$nb || exit 1; \
 	done
 
+# Benchmarks (developer tooling) into the README; the notebooks under the same NB_ENV as `test`.
 bench: install data
-	$(PY) -m lowvram.bench --write-readme
+	$(NB_ENV) $(PY) -m lowvram._bench --write-readme
 
 # Re-pin the exact versions CI uses (torch excluded: it follows TORCH_SPEC).
 constraints: install
