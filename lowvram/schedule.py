@@ -21,6 +21,7 @@ from lowvram.config import check_positive_int
 __all__ = [
     "batches_per_process",
     "count_optimizer_steps",
+    "follow_schedule",
     "linear_schedule",
     "lr_schedule",
     "schedule_steps",
@@ -101,3 +102,17 @@ def lr_schedule(warmup_steps: int, total_steps: int, max_lr: float) -> list[floa
         optimizer.step()
         scheduler.step()
     return lrs
+
+
+def follow_schedule(scheduler) -> None:
+    """Set the LR to the schedule's value at the tick it stands at, after loading a checkpoint.
+
+    For a resume of the same run this is the saved LR, bit for bit. A run extended with a
+    larger max_steps would otherwise run its next step at the old schedule's final LR (0.0
+    after a finished run); it follows the new schedule instead, from the checkpoint's step.
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper, or a LambdaLR
+    groups = inner.optimizer.param_groups
+    for group, lr_lambda, base_lr in zip(groups, inner.lr_lambdas, inner.base_lrs, strict=True):
+        group["lr"] = base_lr * lr_lambda(inner.last_epoch)
+    inner._last_lr = [group["lr"] for group in groups]

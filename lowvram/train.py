@@ -22,20 +22,12 @@ From the command line (steps are optimizer steps, as in the history)::
 CPU, data-parallel over gloo. ``accelerate launch --cpu --num_processes 2`` starts only ONE
 process; ``main`` warns when it sees that.)
 
-``train`` reads top to bottom in the lesson's six parts: 1. configuration, 2. the Accelerator,
-3. the data, 4. model, optimizer and scheduler, 5. one ``accelerator.prepare``, 6. the loop
-(``accumulate`` / ``backward`` / clip / step). Each place where it differs from the lesson
-carries a ``# lesson:`` comment saying what the lesson did and why it changed. What is not the
-loop lives in modules of its own, each tested alone: ``lowvram.precision`` (which precision
-runs), ``lowvram.schedule`` (step counting, the LR schedule), ``lowvram.checkpoints`` (atomic
-checkpoints, the resume check, output dirs) and ``lowvram.failures`` (NaN and OOM reports).
-
-Reliability: checkpoints are atomic and verified (sha256) on resume; resuming restores
-weights, AdamW, the schedule, the GradScaler, the RNG states and the data position, bit for
-bit; a checkpoint of another run is refused (or skipped by ``"latest"``); a fresh run does not
-write into another run's output dir unless ``overwrite_output_dir``; a NaN/inf loss stops with
-:class:`NonFiniteLossError`; running out of memory is :class:`TrainingOutOfMemoryError` with
-the memory planner's advice.
+``train`` reads top to bottom in the lesson's six parts (configuration, the Accelerator, the
+data, model/optimizer/scheduler, one ``accelerator.prepare``, the loop); each place where it
+differs from the lesson carries a ``# lesson:`` comment saying what the lesson did and why it
+changed. What is not the loop has a module of its own: ``lowvram.precision``,
+``lowvram.schedule``, ``lowvram.checkpoints`` (atomic, verified checkpoints; owned output
+dirs) and ``lowvram.failures`` (NaN and out-of-memory reports).
 """
 
 from __future__ import annotations
@@ -74,6 +66,7 @@ from lowvram.precision import force_grad_scaler, precision_advice, resolve_preci
 from lowvram.schedule import (
     batches_per_process,
     count_optimizer_steps,
+    follow_schedule,
     linear_schedule,
     lr_schedule,
     schedule_steps,
@@ -110,30 +103,22 @@ def train(
 
     Args:
         model_config, train_config: the model's shape and the loop's settings (``get_preset``).
-        train_data, val_data: LongTensors ``[N, block_size + 1]`` (checked with
-            ``lowvram.data.check_rows``); by default
-            ``lowvram.data.load_datasets(model_config, train_config.data_dir)``.
-        resume_from: a checkpoint directory (``<output_dir>/checkpoints/step_XXXXXX``), or
-            ``"latest"``: the newest complete checkpoint of this run under ``output_dir``.
-            A larger ``max_steps`` than the checkpoint's run extends it: the LR then follows
-            the schedule of the new ``total_steps`` from the checkpoint's step on.
+        train_data, val_data: LongTensors ``[N, block_size + 1]``; by default loaded from
+            ``train_config.data_dir`` (``lowvram.data.load_datasets``).
+        resume_from: a checkpoint directory, or ``"latest"`` (the newest of this run). With a
+            larger ``max_steps`` the run is extended: the LR follows the new schedule.
         overwrite_output_dir: a fresh run may replace another run's files in ``output_dir``.
         progress: a progress bar on the main process.
-        cpu: None uses the CUDA GPU if there is one, else the CPU (then launched processes
-            do real data-parallel training over gloo); True forces the CPU.
+        cpu: None: the CUDA GPU if there is one, else the CPU; True forces the CPU.
         on_optimizer_step: called with the model at each optimizer step, once the gradients
             are complete and before clipping (e.g. to look at the gradients).
 
-    Returns:
-        The history: config, precision, steps (one record per optimizer step), val losses.
-
     Raises:
-        ValueError: bad data or settings, or a checkpoint that is corrupt, incomplete or
-            another run's (the message says which and what to do).
+        ValueError: bad data or settings, or a checkpoint that is corrupt or another run's.
         FileNotFoundError: missing data files or checkpoint.
-        OSError: an output dir that is a file, read-only, full or another run's.
-        NonFiniteLossError: (a ``FloatingPointError``) the loss became NaN or inf.
-        TrainingOutOfMemoryError: (a ``torch.OutOfMemoryError``) with the planner's advice.
+        OSError: an output dir that is a file, read-only, full, locked or another run's.
+        NonFiniteLossError: the loss became NaN or inf (a ``FloatingPointError``).
+        TrainingOutOfMemoryError: with the planner's advice (a ``torch.OutOfMemoryError``).
     """
     # 1. Configuration: the device and the precision are decided once, before the Accelerator.
     # lesson: module constants (BLOCK_SIZE, BATCH_SIZE, ...); here the two config dataclasses
@@ -162,18 +147,8 @@ def train(
     try:
         set_seed(train_config.seed)  # lesson: no seed; now it also fixes the model's init
 
-        # 3. Data: the lesson's TensorDataset loaders.
-        if (train_data is None) != (val_data is None):
-            raise ValueError("pass both train_data and val_data, or neither (then they are "
-                             f"loaded from data_dir={train_config.data_dir!r})")
-        if train_data is None:
-            train_data, val_data = load_datasets(model_config, train_config.data_dir)
-        else:  # the same checks as the files get: shape [N, block_size + 1], ids < vocab_size
-            train_data = check_rows(train_data, model_config, "train_data")
-            val_data = check_rows(val_data, model_config, "val_data")
-        if train_config.eval_max_batches is not None:
-            # lesson: no validation. Capped by rows: every process count sees the same rows.
-            val_data = val_data[: train_config.eval_max_batches * train_config.per_device_eval_batch_size]
+        # 3. Data: the lesson's TensorDataset loaders (lesson: no validation, no checks).
+        train_data, val_data = _datasets(model_config, train_config, train_data, val_data)
         train_loader, val_loader = build_dataloaders(
             train_data, val_data, batch_size=train_config.per_device_train_batch_size,
             eval_batch_size=train_config.per_device_eval_batch_size, drop_last=train_config.drop_last, seed=train_config.seed,
@@ -207,14 +182,9 @@ def train(
         )  # fmt: skip
         num_epochs = math.ceil(total_steps / math.ceil(batches_per_epoch / train_config.gradient_accumulation_steps))
         scheduler = linear_schedule(optimizer, warmup_steps, total_steps, scale=num_processes)
-        checkpoints.check_output_dir(output_dir, resume=resume_from is not None,
-                                     overwrite=overwrite_output_dir,
-                                     num_parameters=model.num_parameters())
-        accelerator.wait_for_everyone()  # every process checked the dir before it changes
-        if accelerator.is_main_process:
-            lock.acquire()  # lesson: no output dir; now one training writes into it at a time
-            if overwrite_output_dir and resume_from is None:
-                checkpoints.overwrite_output_dir(output_dir)
+        # lesson: no output dir. Checked before training; one training writes to it at a time.
+        _claim_output_dir(accelerator, lock, resume_from is None, overwrite_output_dir,
+                          model.num_parameters())
 
         # 5. One prepare of all five, as in the lesson.
         model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
@@ -223,7 +193,8 @@ def train(
         assert len(train_loader) == batches_per_epoch, "this accelerate shards differently"
 
         history: dict[str, Any] = {
-            "config": {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config)},
+            "config": {"model": dataclasses.asdict(model_config),
+                       "train": dataclasses.asdict(train_config)},
             "precision": precision, "precision_reason": reason,
             "precision_advice": precision_advice(precision, device),
             "num_processes": num_processes,
@@ -232,17 +203,8 @@ def train(
             "steps": [], "skipped_steps": 0, "val": [], "final_val_loss": None, "final_lr": None,
         }  # fmt: skip
         loop = LoopState()
-        if resume_from is not None:
-            loop, saved = checkpoints.load_checkpoint(accelerator, resume_from, model)
-            if loop.step > total_steps:
-                raise ValueError(
-                    f"resume_from={str(resume_from)!r} is at step {loop.step}, past this run's "
-                    f"total_steps={total_steps}: raise max_steps (or num_epochs) to train further"
-                )
-            _follow_schedule(scheduler)  # an extended run: the LR of the new schedule
-            history.update(steps=saved["steps"], val=saved["val"],
-                           skipped_steps=saved["skipped_steps"])
-            accelerator.print(f"resumed from {resume_from} at step {loop.step}")
+        if resume_from is not None:  # lesson: no resume
+            loop = _resume(accelerator, resume_from, model, scheduler, history)
         accelerator.print(
             f"precision: {precision} ({reason}) | processes: {num_processes} | effective batch: "
             f"{history['effective_batch_size']} | steps: {total_steps} (warmup {warmup_steps})"
@@ -348,17 +310,7 @@ def train(
 
         history["final_val_loss"] = history["val"][-1]["loss"]
         history["final_lr"] = scheduler.get_last_lr()[0]
-        accelerator.wait_for_everyone()
-        accelerator.save_model(model, str(output_dir))  # unwraps; -> model.safetensors
-        if accelerator.is_main_process:
-            write_history(output_dir, history)
-        skipped_note = ""
-        if accelerator.scaler is not None:  # fp16: say how many updates the GradScaler dropped
-            skipped_note = f" ({history['skipped_steps']} skipped by the GradScaler: fp16 overflow)"
-        accelerator.print(
-            f"final val loss {history['final_val_loss']:.4f} after {loop.step} steps{skipped_note};"
-            f" wrote {output_dir / 'model.safetensors'} and {output_dir / HISTORY_FILE}"
-        )
+        _save_model_and_history(accelerator, model, output_dir, history, loop.step)
         return history
     except torch.cuda.OutOfMemoryError as err:
         # handled below, outside this block: the traceback holds the frames that hold the
@@ -381,18 +333,67 @@ def train(
 # ----------------------------------------------------------------------------- loop helpers
 
 
-def _follow_schedule(scheduler) -> None:
-    """Set the LR to the schedule's value at the tick it stands at, after loading a checkpoint.
+def _datasets(model_config: ModelConfig, train_config: TrainConfig,
+              train_data: torch.Tensor | None, val_data: torch.Tensor | None):
+    """(train, val) rows: given (checked like files: ``[N, block_size + 1]``, ids < vocab_size)
+    or loaded from ``data_dir``; val capped by ``eval_max_batches`` (by rows: every process
+    count sees the same rows)."""
+    if (train_data is None) != (val_data is None):
+        raise ValueError("pass both train_data and val_data, or neither (then they are "
+                         f"loaded from data_dir={train_config.data_dir!r})")
+    if train_data is None:
+        train_data, val_data = load_datasets(model_config, train_config.data_dir)
+    else:
+        train_data = check_rows(train_data, model_config, "train_data")
+        val_data = check_rows(val_data, model_config, "val_data")
+    if train_config.eval_max_batches is not None:
+        val_data = val_data[: train_config.eval_max_batches * train_config.per_device_eval_batch_size]
+    return train_data, val_data
 
-    For a resume of the same run this is the saved LR, bit for bit. A run extended with a
-    larger max_steps would otherwise run its next step at the old schedule's final LR (0.0
-    after a finished run); it follows the new schedule instead, from the checkpoint's step.
-    """
-    inner = scheduler.scheduler  # accelerate's wrapper around the LambdaLR
-    groups = inner.optimizer.param_groups
-    for group, lr_lambda, base_lr in zip(groups, inner.lr_lambdas, inner.base_lrs, strict=True):
-        group["lr"] = base_lr * lr_lambda(inner.last_epoch)
-    inner._last_lr = [group["lr"] for group in groups]
+
+def _claim_output_dir(accelerator: Accelerator, lock: checkpoints.OutputDirLock, fresh: bool,
+                      overwrite: bool, num_parameters: int) -> None:
+    """Every process checks the output dir (``checkpoints.check_output_dir``); then the main
+    process takes its lock and, for ``overwrite``, deletes the earlier run's files."""
+    output_dir = lock.path.parent
+    checkpoints.check_output_dir(output_dir, resume=not fresh, overwrite=overwrite,
+                                 num_parameters=num_parameters)
+    accelerator.wait_for_everyone()  # every process checked the dir before it changes
+    if accelerator.is_main_process:
+        lock.acquire()
+        if overwrite and fresh:
+            checkpoints.overwrite_output_dir(output_dir)
+
+
+def _resume(accelerator: Accelerator, path: Path, model, scheduler, history: dict[str, Any]):
+    """Load the checked checkpoint ``path`` into the prepared objects; its steps into
+    ``history``; return its loop state."""
+    loop, saved = checkpoints.load_checkpoint(accelerator, path, model)
+    if loop.step > history["total_steps"]:
+        raise ValueError(
+            f"resume_from={str(path)!r} is at step {loop.step}, past this run's "
+            f"total_steps={history['total_steps']}: raise max_steps (or num_epochs) to train further"
+        )
+    follow_schedule(scheduler)  # an extended run: the LR of the new schedule
+    history.update(steps=saved["steps"], val=saved["val"], skipped_steps=saved["skipped_steps"])
+    accelerator.print(f"resumed from {path} at step {loop.step}")
+    return loop
+
+
+def _save_model_and_history(accelerator: Accelerator, model, output_dir: Path,
+                            history: dict[str, Any], steps: int) -> None:
+    """model.safetensors and history.json, and the closing line."""
+    accelerator.wait_for_everyone()
+    accelerator.save_model(model, str(output_dir))  # unwraps; -> model.safetensors
+    if accelerator.is_main_process:
+        write_history(output_dir, history)
+    skipped_note = ""
+    if accelerator.scaler is not None:  # fp16: say how many updates the GradScaler dropped
+        skipped_note = f" ({history['skipped_steps']} skipped by the GradScaler: fp16 overflow)"
+    accelerator.print(
+        f"final val loss {history['final_val_loss']:.4f} after {steps} steps{skipped_note}; "
+        f"wrote {output_dir / 'model.safetensors'} and {output_dir / HISTORY_FILE}"
+    )
 
 
 def _stop_non_finite(accelerator: Accelerator, output_dir: Path, history: dict[str, Any],

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import accelerate.checkpointing
 import pytest
+import torch
 from conftest import MODEL, TRAIN, checkpoints, rows, run, write_data
 
 import lowvram.checkpoints
@@ -261,3 +262,46 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, cap
     assert not (tmp_path / "out" / LOCK_FILE).exists()  # the lock went with it
     main(_cli(tmp_path, "--max-steps", "4", "--checkpoint-every", "2", "--resume-from", "latest"))
     assert latest_checkpoint(tmp_path / "out").name == "step_000004"
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_misleading_messages_fixed(tmp_path):
+    from lowvram.config import TrainConfig
+    from lowvram.data import check_rows
+    from lowvram.failures import non_finite_message
+
+    # a uint16 train_data.pt (nanoGPT's format) was refused: "token ids must be integers"
+    ids = check_rows(rows(4).to(torch.uint16), MODEL, "train_data")
+    assert ids.dtype == torch.long and torch.equal(ids, rows(4))
+    # --seed -1 said "0 turns it off"
+    with pytest.raises(ValueError, match=r"seed=-1 is not allowed: seed must be an integer >= 0 "
+                                         r"\(the RNG seed") as info:
+        TrainConfig(seed=-1)
+    assert "turns it off" not in str(info.value)
+    # a NaN at lr 0 (a resumed, already broken state) blamed the learning rate
+    record = {"step": 5, "epoch": 0, "lr": 0.0, "loss": float("nan"), "grad_norm": 1.0}
+    message = non_finite_message(record, "the loss is nan", steps_done=4, last_checkpoint=None,
+                                 history_file="h.json", precision="no", has_scaler=False,
+                                 max_lr=1e-3)
+    assert "not the learning rate: this step ran at lr=0.00e+00" in message
+    assert "too high" not in message
+
+
+def test_cpu_out_of_memory_gets_the_planners_advice(tmp_path):
+    # before: a raw RuntimeError; only CUDA OOM was translated
+    from lowvram.failures import TrainingOutOfMemoryError
+
+    def hook(model):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 4294967296 bytes.")
+
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        run(tmp_path / "oom", max_steps=2, on_optimizer_step=hook)
+    message = str(info.value)
+    assert message.startswith("The CPU ran out of memory (host RAM) during training ([enforce")
+    assert "The memory planner (lowvram.memory) says, for this model on a " in message
+    assert "close other programs that use much RAM" in message
+    assert not (tmp_path / "oom" / LOCK_FILE).exists()
+    run(tmp_path / "again", max_steps=1)  # the next run can start an Accelerator again

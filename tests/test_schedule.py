@@ -9,6 +9,7 @@ import lowvram.train
 from lowvram.schedule import (
     batches_per_process,
     count_optimizer_steps,
+    follow_schedule,
     linear_schedule,
     lr_schedule,
     schedule_steps,
@@ -74,3 +75,23 @@ def test_train_re_exports_the_names_notebooks_import():
     assert lowvram.train.count_optimizer_steps is count_optimizer_steps
     assert lowvram.train.schedule_steps is schedule_steps
     assert lowvram.train.lr_schedule is lr_schedule
+
+
+def test_follow_schedule_moves_the_lr_to_a_new_total():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    old = linear_schedule(optimizer, 0, 4)
+    for _ in range(4):
+        optimizer.step()
+        old.step()
+    assert old.get_last_lr() == [0.0]  # a finished run ends at LR 0
+    extended = linear_schedule(optimizer, 0, 6)  # what train builds for max_steps=6 ...
+    extended.load_state_dict(old.state_dict())  # ... then loads the checkpoint's state
+    optimizer.param_groups[0]["lr"] = 0.0  # (and AdamW's, with the LR it last ran at)
+    assert extended.get_last_lr() == [0.0]
+    follow_schedule(extended)
+    assert extended.get_last_lr()[0] == optimizer.param_groups[0]["lr"] == pytest.approx(2 / 6)
+    same = linear_schedule(optimizer, 0, 4)
+    same.load_state_dict(old.state_dict())
+    optimizer.param_groups[0]["lr"] = 0.0
+    follow_schedule(same)  # a resume of the same run: unchanged
+    assert same.get_last_lr() == [0.0]
