@@ -81,8 +81,9 @@ notebooks: install data
 			$$nb || exit 1; \
 	done
 
+# Benchmarks (developer tooling) into the README; the notebooks under the same NB_ENV as `test`.
 bench: install data
-	$(PY) -m lowvram.bench --write-readme
+	$(NB_ENV) $(PY) -m lowvram._bench --write-readme
 
 # Re-pin the exact versions CI uses (torch excluded: it follows TORCH_SPEC).
 constraints: install

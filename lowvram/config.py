@@ -22,6 +22,7 @@ __all__ = [
     "PRESETS",
     "ModelConfig",
     "TrainConfig",
+    "check_positive_int",
     "config_table",
     "get_preset",
 ]
@@ -35,7 +36,8 @@ def _require(ok: bool, field: str, value: object, allowed: str) -> None:
         raise ValueError(f"{field}={value!r} is not allowed: {field} must be {allowed}")
 
 
-def _positive_int(field: str, value: object) -> None:
+def check_positive_int(field: str, value: object) -> None:
+    """The one positive-integer check: a ValueError naming ``field``, its value and what is allowed."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
     _require(ok, field, value, "a positive integer (>= 1)")
 
@@ -65,7 +67,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         _require(
             self.n_embd % self.n_head == 0,
             "n_embd",
@@ -129,12 +131,14 @@ class TrainConfig:
             "log_interval",
             "keep_checkpoints",
         ):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("max_steps", "eval_max_batches"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        for name in ("eval_interval", "checkpoint_interval", "seed"):
+                check_positive_int(name, getattr(self, name))
+        for name in ("eval_interval", "checkpoint_interval"):
             _non_negative_int(name, getattr(self, name))
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+                 "seed", self.seed, "an integer >= 0 (the RNG seed of the init and data order)")
         _require(
             _number(self.max_lr) and 0.0 < self.max_lr < 1.0,
             "max_lr",
@@ -171,7 +175,7 @@ class TrainConfig:
 
     def effective_batch_for(self, num_processes: int) -> int:
         """Sequences per optimizer step across ``num_processes`` data-parallel processes."""
-        _positive_int("num_processes", num_processes)
+        check_positive_int("num_processes", num_processes)
         return self.effective_batch_size * num_processes
 
     def replace(self, **changes: object) -> TrainConfig:

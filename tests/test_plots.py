@@ -9,7 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from lowvram.plots import load_history, plot_losses, plot_lr, plot_lr_schedule
-from lowvram.train import lr_schedule
+from lowvram.schedule import lr_schedule
 
 HISTORY = {
     "config": {"model": {"vocab_size": 64}, "train": {"max_lr": 1e-3}},

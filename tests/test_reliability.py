@@ -1,4 +1,4 @@
-"""Reliability (issue 6): exact resume after SIGKILL, crash-safe checkpoints, clear errors.
+"""Reliability: exact resume after SIGKILL, crash-safe checkpoints, clear errors.
 
 Tiny preset, random rows, CPU. The data and config cases that lowvram.data and lowvram.config
 refuse on their own are tested in tests/test_data.py and tests/test_config.py; here are the
@@ -8,7 +8,7 @@ cases that reach ``train`` and the checkpoints, and the fuzz tests.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import hashlib
 import json
 import math
 import os
@@ -23,52 +23,25 @@ from pathlib import Path
 import accelerate.checkpointing
 import pytest
 import torch
+from conftest import MODEL, REPO, TRAIN, bitwise_equal, checkpoints, rows, run, weights
 from safetensors.torch import load_file
 
+import lowvram.checkpoints
+import lowvram.failures
 import lowvram.memory
 import lowvram.train
-from lowvram.config import ModelConfig, TrainConfig, get_preset
-from lowvram.data import check_rows
+from lowvram.config import ModelConfig, TrainConfig
+from lowvram.data import check_rows, rows_fingerprint
 from lowvram.memory import PlanRow, Recipe, plan
 from lowvram.model import GPTModel
 from lowvram.train import (
     NonFiniteLossError,
     TrainingOutOfMemoryError,
-    force_grad_scaler,
     latest_checkpoint,
     lr_schedule,
     schedule_steps,
     train,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-MODEL, TRAIN = get_preset("tiny")  # vocab 96, block 16, 2 x 2 x 32; batch 2 x accum 2
-
-
-def rows(n: int, seed: int = 0, model: ModelConfig = MODEL) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.vocab_size, (n, model.block_size + 1), generator=g)
-
-
-def run(out: Path, model: ModelConfig = MODEL, n_train: int = 32, **kwargs) -> dict:
-    """Train tiny on 32 random rows (8 optimizer steps per epoch) into ``out``."""
-    changes = {k: kwargs.pop(k) for k in list(kwargs) if k in TrainConfig.__dataclass_fields__}
-    tc = TRAIN.replace(output_dir=str(out), **changes)
-    return train(model, tc, train_data=rows(n_train, model=model),
-                 val_data=rows(8, seed=1, model=model), progress=False, **kwargs)
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path / "model.safetensors")
-
-
-def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def checkpoints(out: Path) -> list[str]:
-    return sorted(p.name for p in (out / "checkpoints").iterdir())
-
 
 # ----------------------------------------------------------------------------- exact resume
 
@@ -128,10 +101,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 def test_resume_restores_rng_grad_scaler_scheduler_mid_epoch(tmp_path, monkeypatch):
     """Dropout draws from the RNG, fp16 overflow makes the GradScaler skip steps and halve its
     scale: resuming mid-epoch still reproduces every loss, scale and weight exactly."""
-    monkeypatch.setattr(lowvram.train, "force_grad_scaler",
-                        functools.partial(force_grad_scaler, init_scale=2.0**20))
     model = dataclasses.replace(MODEL, dropout=0.1)
-    common = dict(model=model, checkpoint_interval=3, _force_grad_scaler=True)  # 8 steps
+    common = dict(model=model, checkpoint_interval=3, fp16=True, init_scale=2.0**20)  # 8 steps
     full = run(tmp_path / "full", **common)
     assert full["skipped_steps"] > 0  # the scaler's state matters
     resumed = run(tmp_path / "resumed", resume_from=tmp_path / "full/checkpoints/step_000003",
@@ -139,12 +110,20 @@ def test_resume_restores_rng_grad_scaler_scheduler_mid_epoch(tmp_path, monkeypat
     for key in ("loss", "lr", "loss_scale", "skipped", "grad_norm"):  # repr: nan == nan
         assert [repr(s[key]) for s in resumed["steps"]] == [repr(s[key]) for s in full["steps"]]
     assert bitwise_equal(weights(tmp_path / "resumed"), weights(tmp_path / "full"))
-    # without its RNG states the resumed run's dropout masks differ
+    # without its RNG states the resumed run's dropout masks differ, so a checkpoint whose
+    # random_states_0.pkl is gone (from the disk and its manifest) is refused on every route
     (tmp_path / "full/checkpoints/step_000003/random_states_0.pkl").unlink()
     manifest = tmp_path / "full/checkpoints/step_000003/manifest.json"
     data = json.loads(manifest.read_text())
     del data["files"]["random_states_0.pkl"]
     manifest.write_text(json.dumps(data))
+    for route in (tmp_path / "full/checkpoints/step_000003", "latest"):
+        for old in ("step_000006", "step_000008"):  # make step 3 the latest
+            shutil.rmtree(tmp_path / "full/checkpoints" / old, ignore_errors=True)
+        with pytest.raises(ValueError, match=r"random_states_0.pkl is missing \(not in its manifest"):
+            run(tmp_path / "full", resume_from=route, **common)
+    # ... and what it would do, with the check switched off
+    monkeypatch.setattr(lowvram.checkpoints, "_required_files", lambda n: set())
     no_rng = run(tmp_path / "no_rng", resume_from=tmp_path / "full/checkpoints/step_000003",
                  **common)
     assert [s["loss"] for s in no_rng["steps"][3:]] != [s["loss"] for s in full["steps"][3:]]
@@ -166,7 +145,11 @@ def test_checkpoint_manifest_and_keep_last_n(tmp_path):
     assert manifest["train"] == history["config"]["train"]
     assert manifest["num_processes"] == 1 and manifest["precision"] == "no"
     files = {f.name: f.stat().st_size for f in path.iterdir() if f.name != "manifest.json"}
-    assert manifest["files"] == files
+    assert {name: f["bytes"] for name, f in manifest["files"].items()} == files
+    for name, f in manifest["files"].items():  # a sha256 per file, RNG states included
+        assert f["sha256"] == hashlib.sha256((path / name).read_bytes()).hexdigest()
+    assert manifest["format"] == 2 and manifest["train"]["seed"] == TRAIN.seed
+    assert manifest["train_data_sha256"] == rows_fingerprint(rows(32))
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
             "loop_state.json"} <= set(files)
     assert latest_checkpoint(tmp_path / "nothing") is None
@@ -205,7 +188,7 @@ def _crash_before_rename(monkeypatch, at_checkpoint: int) -> None:
                 raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr(lowvram.train.os, "replace", replace)
+    monkeypatch.setattr(lowvram.checkpoints.os, "replace", replace)
 
 
 @pytest.mark.parametrize("crash", [_crash_in_optimizer_save, _crash_before_rename])
@@ -249,6 +232,32 @@ def _garble(path: Path, name: str) -> None:
     f.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(f.stat().st_size)))
 
 
+def _flip(path: Path, name: str) -> None:
+    """4 KiB of inverted bits in the middle: what a bad disk or RAM does."""
+    f = path / name
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4096] = bytes(b ^ 0xFF for b in data[mid : mid + 4096])
+    f.write_bytes(bytes(data))
+
+
+def _nan_weights(path: Path, name: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(path / name)
+    tensors["wte.weight"][0, 0] = float("nan")
+    save_file(tensors, path / name)
+
+
+def _rehash(path: Path, damage, name: str) -> None:
+    """``damage`` a file, then rewrite the manifest so that its size and sha256 match."""
+    damage(path, name)
+    manifest = json.loads((path / "manifest.json").read_text())
+    data = (path / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _drop(path: Path, name: str) -> None:
     (path / name).unlink()
 
@@ -265,10 +274,20 @@ BAD_CHECKPOINTS = [
     (lambda p: _truncate(p, "optimizer.bin"), ValueError, r"corrupt: optimizer.bin has \d+ bytes"),
     (lambda p: _drop(p, "loop_state.json"), ValueError, "is corrupt: loop_state.json is missing"),
     (lambda p: _drop(p, "random_states_0.pkl"), ValueError, "random_states_0.pkl is missing"),
+    # the same size, other bytes: found by the manifest's sha256, before anything is loaded
     (lambda p: _garble(p, "model.safetensors"), ValueError,
+     r"is corrupt: model.safetensors has sha256 [0-9a-f]{12}\.\.\., its manifest says"),
+    (lambda p: _garble(p, "optimizer.bin"), ValueError, r"is corrupt: optimizer.bin has sha256"),
+    (lambda p: _garble(p, "loop_state.json"), ValueError, r"is corrupt: loop_state.json has sha256"),
+    (lambda p: _flip(p, "model.safetensors"), ValueError, r"is corrupt: model.safetensors has sha256"),
+    (lambda p: _garble(p, "random_states_0.pkl"), ValueError, "random_states_0.pkl has sha256"),
+    # garbled, and the manifest rewritten to match: what still fails to load is corrupt
+    (lambda p: _rehash(p, _garble, "model.safetensors"), ValueError,
      r"is corrupt: it could not be loaded \(SafetensorError"),
-    (lambda p: _garble(p, "optimizer.bin"), ValueError, r"is corrupt: it could not be loaded"),
-    (lambda p: _garble(p, "loop_state.json"), ValueError, r"is corrupt: it could not be loaded"),
+    (lambda p: _rehash(p, _garble, "optimizer.bin"), ValueError, r"is corrupt: it could not be loaded"),
+    (lambda p: _rehash(p, _garble, "loop_state.json"), ValueError, r"is corrupt: it could not be loaded"),
+    (lambda p: _rehash(p, _nan_weights, "model.safetensors"), ValueError,
+     r"holds NaN or inf weights \(wte.weight.*saved after training had diverged"),
 ]
 
 
@@ -321,7 +340,7 @@ def _nan_loss_from(monkeypatch, training_call: int) -> None:
 
 
 def _nan_grad_at(step: int):
-    """A _grad_hook that puts a NaN into one gradient at optimizer step ``step``."""
+    """An on_optimizer_step callback that puts a NaN into one gradient at optimizer step ``step``."""
     calls = []
 
     def hook(model):
@@ -339,7 +358,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     if what == "loss":
         _nan_loss_from(monkeypatch, training_call=9)  # step 5's micro-batches: 9 and 10
     else:
-        kwargs["_grad_hook"] = _nan_grad_at(step=5)
+        kwargs["on_optimizer_step"] = _nan_grad_at(step=5)
     with pytest.raises(NonFiniteLossError) as info:
         run(out, max_steps=8, checkpoint_interval=2, **kwargs)
     message = str(info.value)
@@ -362,9 +381,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_grad_scaler_skips_are_reported_not_fatal(tmp_path, monkeypatch, capsys):
     # a first loss scale of 2**30 overflows fp16 at once; a NaN gradient at step 6 is skipped too
-    monkeypatch.setattr(lowvram.train, "force_grad_scaler",
-                        functools.partial(force_grad_scaler, init_scale=2.0**30))
-    history = run(tmp_path / "fp16", _force_grad_scaler=True, _grad_hook=_nan_grad_at(step=6))
+    history = run(tmp_path / "fp16", fp16=True, init_scale=2.0**30,
+                  on_optimizer_step=_nan_grad_at(step=6))
     skipped = [s["step"] for s in history["steps"] if s["skipped"]]
     assert skipped[0] == 1 and 6 in skipped and len(history["steps"]) == 8
     assert history["skipped_steps"] == len(skipped)
@@ -388,7 +406,7 @@ def test_out_of_memory_says_what_the_planner_suggests(tmp_path, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.raises(TrainingOutOfMemoryError) as info:
-        run(tmp_path / "oom", max_steps=4, _grad_hook=hook)
+        run(tmp_path / "oom", max_steps=4, on_optimizer_step=hook)
     assert isinstance(info.value, torch.cuda.OutOfMemoryError)
     message = str(info.value)
     expected = plan(MODEL, 4.0, TRAIN.effective_batch_size,
@@ -410,7 +428,7 @@ def test_planner_advice_when_nothing_fits(monkeypatch):
         return [PlanRow(r, 0, 0, 0, None) for r in recipes]
 
     monkeypatch.setattr(lowvram.memory, "plan", nothing_fits)
-    advice = lowvram.train._planner_advice(MODEL, TRAIN, "bf16", 4.0)
+    advice = lowvram.failures.planner_advice(MODEL, TRAIN, "bf16", 4.0)
     assert "with bf16 not even a micro-batch of 1 fits: turn on gradient_checkpointing" in advice
     assert "with fp16 not even a micro-batch of 1 fits" in advice
 
@@ -418,7 +436,7 @@ def test_planner_advice_when_nothing_fits(monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(lowvram.memory, "plan", broken)
-    assert "planner failed: RuntimeError: boom" in lowvram.train._planner_advice(MODEL, TRAIN, "no", 4.0)
+    assert "planner failed: RuntimeError: boom" in lowvram.failures.planner_advice(MODEL, TRAIN, "no", 4.0)
 
 
 # ----------------------------------------------------------------------------- config and data

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import MODEL, REPO, TRAIN, max_diff, rows, run, weights, write_data
 
-import lowvram.train
 from lowvram.config import get_preset
 from lowvram.model import GPTModel
 from lowvram.train import (
@@ -25,70 +23,16 @@ from lowvram.train import (
     lr_schedule,
     main,
     reset_accelerate_state,
-    resolve_precision,
     schedule_steps,
     train,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL, TRAIN = get_preset("tiny")  # vocab 96, block 16, 2 x 2 x 32; batch 2 x accum 2
-
-
-def rows(n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` random rows of block_size + 1 token ids."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, MODEL.vocab_size, (n, MODEL.block_size + 1), generator=g)
-
-
-def run(tmp_path: Path, name: str, n_train: int = 32, resume_from=None,
-        _force_grad_scaler=False, **changes):
-    """Train tiny on random rows in tmp_path/name; return the history."""
-    tc = TRAIN.replace(output_dir=str(tmp_path / name), **changes)
-    return train(MODEL, tc, train_data=rows(n_train), val_data=rows(8, seed=1), progress=False,
-                 resume_from=resume_from, _force_grad_scaler=_force_grad_scaler)
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path / "model.safetensors")
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-# ----------------------------------------------------------------------------- step counting
-
-
-def test_count_optimizer_steps():
-    assert count_optimizer_steps(40, 4, 1) == 10
-    assert count_optimizer_steps(41, 4, 1) == 11  # the short last window is a step
-    assert count_optimizer_steps(9, 2, 3) == 15
-    assert count_optimizer_steps(9, 2, 3, max_steps=7) == 7  # max_steps overrides the epochs
-    # the seed's formula, len * epochs // accum, loses the short windows
-    assert 41 * 1 // 4 == 10
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=0"):
-        count_optimizer_steps(40, 0, 1)
-    with pytest.raises(ValueError, match="max_steps=0"):
-        count_optimizer_steps(40, 4, 1, max_steps=0)
-
-
-def test_schedule_steps():
-    assert schedule_steps(40, 4, 2) == (2, 20)  # the seed's total // 10
-    assert schedule_steps(41, 4, 1, warmup_ratio=0.05) == (0, 11)
-    assert schedule_steps(100, 4, 10, max_steps=200, warmup_ratio=0.05) == (10, 200)
-
-
-def test_lr_schedule_values():
-    lrs = lr_schedule(2, 10, 1e-3)
-    assert len(lrs) == 10
-    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])
-    assert lrs[-1] == pytest.approx(1e-3 / 8)  # one step before zero
+# ----------------------------------------------------------------------------- steps of a run
 
 
 @pytest.mark.parametrize("n_train", [16, 18])  # 8 and 9 batches: divisible by accum 2, and not
 def test_steps_and_schedule_of_a_run(tmp_path, n_train):
-    history = run(tmp_path, "run", n_train=n_train, num_epochs=2, warmup_ratio=0.2)
+    history = run(tmp_path / "run", n_train=n_train, num_epochs=2, warmup_ratio=0.2)
     batches = n_train // TRAIN.per_device_train_batch_size
     expected = count_optimizer_steps(batches, 2, 2)
     assert expected == {16: 8, 18: 10}[n_train]
@@ -122,14 +66,14 @@ def test_gradient_accumulation_equals_big_batch(tmp_path):
         TRAIN.replace(output_dir=str(tmp_path / "micro"), per_device_train_batch_size=4,
                       gradient_accumulation_steps=4),
         train_data=rows(common["n_train"]), val_data=rows(8, seed=1), progress=False,
-        _grad_hook=hook("micro"),
+        on_optimizer_step=hook("micro"),
     )
     big = train(
         MODEL,
         TRAIN.replace(output_dir=str(tmp_path / "big"), per_device_train_batch_size=16,
                       gradient_accumulation_steps=1),
         train_data=rows(common["n_train"]), val_data=rows(8, seed=1), progress=False,
-        _grad_hook=hook("big"),
+        on_optimizer_step=hook("big"),
     )
     assert MODEL.dropout == 0.0
     assert len(grads["micro"]) == len(grads["big"]) == 4  # 64 rows / 16 per step
@@ -167,14 +111,7 @@ def test_seed_loop_with_grad_scaler_raises():
 
 
 def test_loop_with_grad_scaler_runs(tmp_path):
-    history = train(
-        MODEL,
-        TRAIN.replace(output_dir=str(tmp_path / "fp16"), num_epochs=2),
-        train_data=rows(32),
-        val_data=rows(8, seed=1),
-        progress=False,
-        _force_grad_scaler=True,
-    )
+    history = run(tmp_path / "fp16", num_epochs=2, fp16=True)
     assert history["precision"] == "fp16"
     assert len(history["steps"]) == 16
     assert all(math.isfinite(s["loss"]) for s in history["steps"])
@@ -184,9 +121,7 @@ def test_loop_with_grad_scaler_runs(tmp_path):
 
 def test_grad_scaler_overflow_is_counted(tmp_path, monkeypatch):
     # a first loss scale of 2**30 overflows fp16: GradScaler skips the step and halves the scale
-    monkeypatch.setattr(lowvram.train, "force_grad_scaler",
-                        functools.partial(force_grad_scaler, init_scale=2.0**30))
-    history = run(tmp_path, "fp16", num_epochs=2, warmup_ratio=0.2, _force_grad_scaler=True)
+    history = run(tmp_path / "fp16", num_epochs=2, warmup_ratio=0.2, fp16=True, init_scale=2.0**30)
     steps = history["steps"]
     skipped = [s["skipped"] for s in steps]
     assert skipped[0] and history["skipped_steps"] == sum(skipped) > 0
@@ -201,7 +136,7 @@ def test_grad_scaler_overflow_is_counted(tmp_path, monkeypatch):
 
 
 def test_history_file_and_final_weights(tmp_path):
-    history = run(tmp_path, "run", eval_interval=3)
+    history = run(tmp_path / "run", eval_interval=3)
     on_disk = json.loads((tmp_path / "run" / "history.json").read_text())
     assert on_disk == json.loads(json.dumps(history))
     assert history["num_processes"] == 1
@@ -221,7 +156,7 @@ def test_history_file_and_final_weights(tmp_path):
 
 
 def test_eval_max_batches_caps_validation(tmp_path):
-    history = run(tmp_path, "run", eval_max_batches=1, max_steps=1)
+    history = run(tmp_path / "run", eval_max_batches=1, max_steps=1)
     val = rows(8, seed=1)[: TRAIN.per_device_eval_batch_size]  # 1 batch of 4 rows
     model = GPTModel(MODEL)
     model.load_state_dict(weights(tmp_path / "run"))
@@ -231,7 +166,7 @@ def test_eval_max_batches_caps_validation(tmp_path):
 
 
 def test_checkpoints_and_resume(tmp_path):
-    full = run(tmp_path, "full", num_epochs=2, checkpoint_interval=3, keep_checkpoints=3)
+    full = run(tmp_path / "full", num_epochs=2, checkpoint_interval=3, keep_checkpoints=3)
     ckpts = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
     # saved at 3, 6, 8 (epoch end), 9, 12, 15, 16 (the end); the newest 3 are kept
     assert ckpts == ["step_000012", "step_000015", "step_000016"]
@@ -254,9 +189,9 @@ def test_checkpoints_and_resume(tmp_path):
 
 
 def test_resume_errors(tmp_path):
-    run(tmp_path, "run", max_steps=2, checkpoint_interval=2)
+    run(tmp_path / "run", max_steps=2, checkpoint_interval=2)
     with pytest.raises(FileNotFoundError, match="does not exist .* not a lowvram checkpoint"):
-        run(tmp_path, "again", resume_from=tmp_path / "nowhere")
+        run(tmp_path / "again", resume_from=tmp_path / "nowhere")
     other = dataclasses.replace(MODEL, n_layer=1)
     with pytest.raises(ValueError, match="same model config"):
         train(
@@ -273,7 +208,7 @@ def test_train_data_errors(tmp_path):
     with pytest.raises(ValueError, match="pass both train_data and val_data"):
         train(MODEL, TRAIN.replace(output_dir=str(tmp_path)), train_data=rows(8), progress=False)
     with pytest.raises(ValueError, match="fewer than batch_size"):
-        run(tmp_path, "run", n_train=1)
+        run(tmp_path / "run", n_train=1)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cpu=False but no CUDA GPU"):
             train(MODEL, TRAIN, train_data=rows(8), val_data=rows(8), cpu=False)
@@ -283,7 +218,7 @@ def test_train_data_errors(tmp_path):
 
 
 def test_progress_bar_on_main_process(tmp_path, capsys):
-    run(tmp_path, "quiet", max_steps=2)
+    run(tmp_path / "quiet", max_steps=2)
     assert "train:" not in capsys.readouterr().err
     tc = TRAIN.replace(output_dir=str(tmp_path / "bar"), max_steps=2)
     train(MODEL, tc, train_data=rows(32), val_data=rows(8, seed=1))
@@ -293,30 +228,9 @@ def test_progress_bar_on_main_process(tmp_path, capsys):
 # ----------------------------------------------------------------------------- precision
 
 
-def test_precision_policy_cpu():
-    assert resolve_precision("no", torch.device("cpu"))[0] == "no"
-    assert resolve_precision("bf16", torch.device("cpu"))[0] == "bf16"
-    with pytest.warns(UserWarning, match=r"fp16 was requested on cpu.*running fp32"):
-        precision, reason = resolve_precision("fp16", torch.device("cpu"))
-    assert precision == "no" and "GradScaler" in reason
-    with pytest.raises(ValueError, match="mixed_precision='fp8'"):
-        resolve_precision("fp8", torch.device("cpu"))
-
-
-def test_precision_policy_cuda(monkeypatch):
-    cuda = torch.device("cuda")
-    assert resolve_precision("fp16", cuda)[0] == "fp16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("bf16", cuda)[0] == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
-    with pytest.warns(UserWarning, match="Tesla T4 does not support it"):
-        assert resolve_precision("bf16", cuda)[0] == "fp16"
-
-
 def test_fp16_on_cpu_warns_and_reports_what_ran(tmp_path):
     with pytest.warns(UserWarning, match="running fp32"):
-        history = run(tmp_path, "run", mixed_precision="fp16", max_steps=2)
+        history = run(tmp_path / "run", mixed_precision="fp16", max_steps=2)
     assert history["precision"] == "no"
     assert "fp16 was requested" in history["precision_reason"]
     assert history["config"]["train"]["mixed_precision"] == "fp16"  # what was asked
@@ -324,10 +238,10 @@ def test_fp16_on_cpu_warns_and_reports_what_ran(tmp_path):
 
 
 def test_bf16_on_cpu_runs(tmp_path):
-    history = run(tmp_path, "run", mixed_precision="bf16", max_steps=2)
+    history = run(tmp_path / "run", mixed_precision="bf16", max_steps=2)
     assert history["precision"] == "bf16"
     # bf16 autocast: close to, but not exactly, the fp32 loss
-    fp32 = run(tmp_path, "fp32", max_steps=2)
+    fp32 = run(tmp_path / "fp32", max_steps=2)
     assert history["steps"][0]["loss"] == pytest.approx(fp32["steps"][0]["loss"], abs=0.05)
     assert history["steps"][0]["loss"] != fp32["steps"][0]["loss"]
 
@@ -338,7 +252,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.gpu
 @needs_cuda
 def test_fp16_on_cuda_uses_a_grad_scaler(tmp_path):
-    history = run(tmp_path, "fp16", mixed_precision="fp16", num_epochs=2)
+    history = run(tmp_path / "fp16", mixed_precision="fp16", num_epochs=2)
     assert history["precision"] == "fp16"
     assert len(history["steps"]) == 16  # accum 2: clipping on sync only, no unscale_ error
     assert all(s["loss_scale"] is not None and s["loss_scale"] > 0 for s in history["steps"])
@@ -350,20 +264,14 @@ def test_fp16_on_cuda_uses_a_grad_scaler(tmp_path):
 def test_bf16_on_cuda(tmp_path):
     if not torch.cuda.is_bf16_supported():
         with pytest.warns(UserWarning, match="does not support it"):
-            assert run(tmp_path, "bf16", mixed_precision="bf16", max_steps=2)["precision"] == "fp16"
+            assert run(tmp_path / "bf16", mixed_precision="bf16", max_steps=2)["precision"] == "fp16"
         return
-    history = run(tmp_path, "bf16", mixed_precision="bf16", max_steps=2)
+    history = run(tmp_path / "bf16", mixed_precision="bf16", max_steps=2)
     assert history["precision"] == "bf16"
     assert history["steps"][0]["loss_scale"] is None
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def write_data(data_dir: Path, n_train: int) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rows(n_train), data_dir / "train_data.pt")
-    torch.save(rows(8, seed=1), data_dir / "val_data.pt")
 
 
 def test_main(tmp_path):
@@ -386,7 +294,7 @@ def test_main(tmp_path):
 
 def reference_one_process(tmp_path: Path, n_train: int) -> dict:
     """1 process x batch 2 x accum 4: the run two processes x accum 2 must reproduce."""
-    return run(tmp_path, "one", n_train=n_train, gradient_accumulation_steps=4, num_epochs=2)
+    return run(tmp_path / "one", n_train=n_train, gradient_accumulation_steps=4, num_epochs=2)
 
 
 def _env() -> dict[str, str]:
@@ -446,7 +354,7 @@ def launch(tmp_path: Path, how: list[str], port: int, *args: str) -> subprocess.
 def test_two_processes_equal_one_accelerate_launch(tmp_path):
     n_train = 40  # 20 global batches: 10 per process, divisible by accum 2
     write_data(tmp_path / "data", n_train)
-    one = run(tmp_path, "one", n_train=n_train, gradient_accumulation_steps=4)
+    one = run(tmp_path / "one", n_train=n_train, gradient_accumulation_steps=4)
     # --multi_gpu is accelerate's torchrun launcher; without a GPU each process uses the CPU
     proc = launch(tmp_path, ["--multi_gpu"], 29532, "--output-dir", str(tmp_path / "two"),
                   "--gradient-accumulation-steps", "2")

@@ -1,16 +1,17 @@
-"""Benchmarks of lowvram, measured side by side in one run; ``make bench`` writes them to the README.
+"""Developer tooling, not part of the lesson: benchmarks of lowvram, measured side by side in one
+run; ``make bench`` writes them to the README.
 
 From a shell (``make bench`` runs the second line)::
 
-    python -m lowvram.bench                  # a table on stdout (progress on stderr)
-    python -m lowvram.bench --write-readme   # ... and the README's Performance section
-    python -m lowvram.bench --json           # JSON on stdout, the table on stderr
-    python -m lowvram.bench --quick          # without the notebooks (the slowest part)
-    python -m lowvram.bench --threads 2      # loops at 2 threads only (default: the cores, then 1)
+    python -m lowvram._bench                  # a table on stdout (progress on stderr)
+    python -m lowvram._bench --write-readme   # ... and the README's Performance section
+    python -m lowvram._bench --json           # JSON on stdout, the table on stderr
+    python -m lowvram._bench --quick          # without the notebooks (the slowest part)
+    python -m lowvram._bench --threads 2      # loops at 2 threads only (default: the cores, then 1)
 
 From Python (``tiny_plan()`` runs in seconds; what the tests use)::
 
-    from lowvram.bench import default_plan, run_all, format_table
+    from lowvram._bench import default_plan, run_all, format_table
     results = run_all(default_plan(), notebooks=False)
     print(format_table(results))
 
@@ -20,7 +21,7 @@ is a ratio of two things measured next to each other:
 1. **Loop overhead.** ``lowvram.train.train`` against a hand-written nanoGPT-style PyTorch loop
    (forward, ``(loss / accum).backward()``, clip when the gradients are complete, AdamW step,
    ``zero_grad``) on the same model, data, precision, threads and accumulation. The two alternate
-   step by step in one process: at each optimizer step, lowvram's ``_grad_hook`` runs one step of
+   step by step in one process: at each optimizer step, lowvram's ``on_optimizer_step`` callback runs one step of
    the plain loop and one reference matmul (ABAB...). A step is the time between two consecutive
    moments when the gradients are complete, so it covers everything a step does: the
    micro-batches, clipping, the optimizer, and in lowvram's loop also accelerate's wrappers, the
@@ -34,7 +35,8 @@ is a ratio of two things measured next to each other:
    A profiled step says how much of the time the matmuls take. Goal: >= 0.70 on the mid-size model.
 3. **Memory planner.** ``lowvram.memory.measure_step`` on the rtx2050 config (fp32, CUDA target):
    its run time, and its CPU-target peak against the real CPU allocator (``real_cpu_peaks``) on
-   a model small enough to train for real. Goals (issue 5): <= 5 s, within 1 %.
+   a model small enough to train for real. Goals: <= 5 s (a plan is
+   interactive), within 1 % of the real allocator.
 4. **Notebooks.** ``pytest --nbval`` of each numbered notebook, one subprocess each.
 5. **Import cost.** ``import lowvram`` and ``import lowvram.train`` on top of torch + accelerate in
    a fresh interpreter, and whether transformers was imported (it should be only when the LR
@@ -64,12 +66,15 @@ from typing import Any
 
 import torch
 
-from lowvram.config import ModelConfig, TrainConfig, get_preset
+from lowvram.config import ModelConfig, TrainConfig, check_positive_int, get_preset
+from lowvram.data import random_rows
 
 __all__ = [
     "README_END",
     "README_START",
     "BenchPlan",
+    "bf16_vs_fp32",
+    "check_readme",
     "LoopSpec",
     "default_plan",
     "format_table",
@@ -127,6 +132,9 @@ class BenchPlan:
     real_model: ModelConfig = get_preset("cpu-demo")[0]  # small enough for real_cpu_peaks
     real_micro_batch: int = 4
     import_repeats: int = 3  # fresh interpreters
+    bf16_model: ModelConfig = MID_MODEL  # one eager training step, bf16 autocast vs fp32
+    bf16_micro_batch: int = 4
+    bf16_steps: int = 5  # timed pairs (fp32, bf16 alternating), after one warm-up pair
     notebook_glob: str = "notebooks/[0-9]*.ipynb"  # the numbered lesson notebooks
     name: str = "default"
 
@@ -154,6 +162,8 @@ def tiny_plan() -> BenchPlan:
         planner_model=model,
         planner_repeats=1,
         real_model=model,
+        bf16_model=model,
+        bf16_steps=2,
         import_repeats=1,
         name="tiny",
     )
@@ -193,11 +203,6 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 # --------------------------------------------------------------------------- the two loops
 
 
-def _random_rows(model_config: ModelConfig, n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model_config.vocab_size, (n, model_config.block_size + 1), generator=g)
-
-
 def _plain_loop(
     model_config: ModelConfig, train_config: TrainConfig, total_steps: int,
     train_data: torch.Tensor, val_data: torch.Tensor,
@@ -206,29 +211,28 @@ def _plain_loop(
 
     The first ``next`` builds everything; the second runs the first step's micro-batches; each
     later one finishes the previous step (clip, AdamW, zero_grad) and runs the next step's
-    micro-batches, so it yields where lowvram's ``_grad_hook`` runs: gradients complete.
+    micro-batches, so it yields where lowvram's ``on_optimizer_step`` callback runs: gradients complete.
     """
     from lowvram.data import build_dataloaders
     from lowvram.model import GPTModel
-    from lowvram.train import resolve_precision
+    from lowvram.precision import resolve_precision
 
-    tc = train_config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        precision, _ = resolve_precision(tc.mixed_precision, torch.device("cpu"))
-    torch.manual_seed(tc.seed)
+        precision, _ = resolve_precision(train_config.mixed_precision, torch.device("cpu"))
+    torch.manual_seed(train_config.seed)
     model = GPTModel(model_config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.max_lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.max_lr, weight_decay=train_config.weight_decay)
     train_loader, _ = build_dataloaders(
-        train_data, val_data, tc.per_device_train_batch_size, drop_last=True, seed=tc.seed
+        train_data, val_data, train_config.per_device_train_batch_size, drop_last=True, seed=train_config.seed
     )
-    accum = tc.gradient_accumulation_steps
-    warmup = int(total_steps * tc.warmup_ratio)
+    accum = train_config.gradient_accumulation_steps
+    warmup = int(total_steps * train_config.warmup_ratio)
 
     def get_lr(it: int) -> float:  # linear warmup, then linear decay to 0
         if it < warmup:
-            return tc.max_lr * it / warmup
-        return tc.max_lr * max(0.0, (total_steps - it) / max(1, total_steps - warmup))
+            return train_config.max_lr * it / warmup
+        return train_config.max_lr * max(0.0, (total_steps - it) / max(1, total_steps - warmup))
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     batches = iter(train_loader)
@@ -236,7 +240,7 @@ def _plain_loop(
     yield
     for step in range(total_steps):
         if step > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step - 1)
             optimizer.step()
@@ -261,7 +265,7 @@ def loop_comparison(
 ) -> dict[str, Any]:
     """lowvram's loop and the plain loop, step by step in turn, with a matmul between them.
 
-    One ``lowvram.train.train`` run; at each optimizer step its ``_grad_hook`` runs one step of
+    One ``lowvram.train.train`` run; at each optimizer step its ``on_optimizer_step`` callback runs one step of
     the plain loop (:func:`_plain_loop`) and one fp32 ``torch.mm`` of two ``matmul_n`` squares,
     in alternating order. So step k of lowvram, step k of the plain loop and the k-th matmul run
     next to each other in time, and load from other jobs hits all three alike. A lowvram step is
@@ -280,8 +284,8 @@ def loop_comparison(
     flops_per_step = per_token * tokens
     total = steps + skip + 1  # hooks; the intervals between them are the steps
     # one spare window: no epoch end (with its evaluation and checkpoint) among the timed steps
-    train_data = _random_rows(model_config, (total + 1) * train_config.effective_batch_size, 0)
-    val_data = _random_rows(model_config, train_config.per_device_eval_batch_size, seed=1)
+    train_data = random_rows(model_config, (total + 1) * train_config.effective_batch_size, 0)
+    val_data = random_rows(model_config, train_config.per_device_eval_batch_size, seed=1)
     plain = _plain_loop(model_config, train_config, total, train_data, val_data)
     next(plain)
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
@@ -312,14 +316,14 @@ def loop_comparison(
                 f"plain {plain_s[-1]:.4f} s, matmul {matmul_s[-1] * 1e3:.1f} ms")
 
     with tempfile.TemporaryDirectory() as out:
-        tc = train_config.replace(
+        timed_config = train_config.replace(
             max_steps=total, eval_interval=0, checkpoint_interval=0, eval_max_batches=1,
             log_interval=10**6, output_dir=out,
         )
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            train(model_config, tc, train_data=train_data, val_data=val_data, progress=False,
-                  cpu=True, _grad_hook=hook)
+            train(model_config, timed_config, train_data=train_data, val_data=val_data,
+                  progress=False, cpu=True, on_optimizer_step=hook)
     plain.close()
     if len(enters) != total:
         raise RuntimeError(f"lowvram.train ran {len(enters)} optimizer steps, the benchmark expected {total}")
@@ -369,9 +373,8 @@ def step_breakdown(
     from torch.profiler import ProfilerActivity, profile
 
     total_steps = 3
-    tc = train_config
-    rows = _random_rows(model_config, (total_steps + 1) * tc.effective_batch_size, seed=2)
-    plain = _plain_loop(model_config, tc, total_steps + 1, rows, rows[: tc.per_device_eval_batch_size])
+    rows = random_rows(model_config, (total_steps + 1) * train_config.effective_batch_size, seed=2)
+    plain = _plain_loop(model_config, train_config, total_steps + 1, rows, rows[: train_config.per_device_eval_batch_size])
     for _ in range(total_steps):  # build, then steps 1 and 2 (AdamW's state exists afterwards)
         next(plain)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -391,10 +394,58 @@ def step_breakdown(
             seconds["attention"] += event.self_cpu_time_total
     seconds["other"] = total - seconds["matmul"] - seconds["attention"] - seconds["optimizer"]
     n_matmul, _ = training_flops_per_token(model_config)
-    tokens = tc.effective_batch_size * model_config.block_size
+    tokens = train_config.effective_batch_size * model_config.block_size
     shares = {k: v / total for k, v in seconds.items()}
     shares["matmul_efficiency"] = 6 * n_matmul * tokens / (seconds["matmul"] * 1e-6) / matmul
     return shares
+
+
+# --------------------------------------------------------------------------- bf16 on the CPU
+
+
+def bf16_vs_fp32(model_config: ModelConfig, micro_batch: int = 4, steps: int = 5) -> dict[str, Any]:
+    """One eager training step (forward, backward, AdamW) in fp32 and under CPU bf16 autocast,
+    alternating (fp32, bf16, bf16, fp32, ...) so that load hits both alike; the median of the
+    per-pair ratios fp32 / bf16 (> 1: bf16 is faster). Weights stay fp32 in both, as in
+    accelerate's bf16. The first pair is a warm-up (AdamW's state, oneDNN's kernels)."""
+    from lowvram.model import GPTModel
+    from lowvram.precision import cpu_has_native_bf16
+
+    check_positive_int("steps", steps)
+    torch.manual_seed(0)
+    rows = random_rows(model_config, micro_batch, seed=3)
+    X, Y = rows[:, :-1], rows[:, 1:]
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        model = GPTModel(model_config)
+        runs[precision] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+    def step(precision: str) -> float:
+        model, optimizer = runs[precision]
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            _, loss = model(X, Y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for i in range(steps + 1):
+        for precision in (("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32")):
+            times[precision].append(step(precision))
+    fp32, bf16 = times["fp32"][1:], times["bf16"][1:]
+    return {
+        "model": dataclasses.asdict(model_config),
+        "micro_batch": micro_batch,
+        "steps": steps,
+        "native_bf16": list(cpu_has_native_bf16()),
+        "fp32_s": fp32,
+        "bf16_s": bf16,
+        "fp32_median_s": statistics.median(fp32),
+        "bf16_median_s": statistics.median(bf16),
+        "ratio": statistics.median(a / b for a, b in zip(fp32, bf16, strict=True)),
+    }
 
 
 # --------------------------------------------------------------------------- planner
@@ -481,17 +532,17 @@ def import_cost(repeats: int = 3) -> dict[str, Any]:
     return result
 
 
-# nbval's kernel settings, as in the Makefile's NB_ENV
-_NB_ENV = {"PYTHONHASHSEED": "0", "TQDM_MININTERVAL": "1000"}
-
-
 def notebook_times(
     notebooks: Sequence[str | Path],
     sanitize: str | Path = REPO / "notebooks" / "sanitize.cfg",
     timeout: float = 1800,
     log: Callable[[str], None] = lambda msg: None,
 ) -> list[dict[str, Any]]:
-    """Seconds to validate each notebook with strict nbval, one pytest subprocess each."""
+    """Seconds to validate each notebook with strict nbval, one pytest subprocess each.
+
+    The subprocesses inherit this process's environment: ``make bench`` runs under the
+    Makefile's ``NB_ENV`` (``PYTHONHASHSEED=0``), the one definition ``make test`` uses too.
+    """
     results = []
     for nb in notebooks:
         nb = Path(nb)
@@ -502,7 +553,7 @@ def notebook_times(
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  cwd=REPO, env={**os.environ, **_NB_ENV})
+                                  cwd=REPO)  # the environment `make bench` got: NB_ENV
             rc, tail = proc.returncode, proc.stdout.strip().splitlines()[-1:]
         except subprocess.TimeoutExpired:
             rc, tail = None, [f"timed out after {timeout:.0f} s"]
@@ -603,6 +654,10 @@ def run_all(
     finally:
         torch.set_num_threads(default_threads)
 
+    stage(f"bf16 autocast vs fp32: {plan.bf16_model.n_layer}x{plan.bf16_model.n_embd}, "
+          f"{torch.get_num_threads()} threads")
+    results["bf16"] = bf16_vs_fp32(plan.bf16_model, plan.bf16_micro_batch, plan.bf16_steps)
+
     stage("memory planner")
     results["planner"] = planner_bench(plan.planner_model, plan.planner_micro_batch,
                                        plan.real_model, plan.real_micro_batch, plan.planner_repeats)
@@ -664,6 +719,16 @@ def format_table(results: dict[str, Any]) -> str:
             f"FLOP/s), attention {b['attention']:.0%}, AdamW {b['optimizer']:.0%}, the rest "
             f"(LayerNorm, GELU, softmax, loss, clipping, copies) {b['other']:.0%}",
             "-", "-",
+        ))
+    b = results.get("bf16")
+    if b:
+        native = ", ".join(b["native_bf16"]) or "none"
+        rows.append((
+            f"bf16 autocast vs fp32 on this CPU (native bf16: {native}): one eager training step "
+            f"of {_shape(b['model'])}, batch {b['micro_batch']}, fp32 / bf16",
+            f"{b['fp32_median_s'] * 1e3:.0f} ms / {b['bf16_median_s'] * 1e3:.0f} ms: "
+            f"**{b['ratio']:.2f}x** (median of {b['steps']} side-by-side pairs)",
+            "- (advice only)", "-",
         ))
     p = results["planner"]
     rows.append((
@@ -748,12 +813,12 @@ def readme_section(results: dict[str, Any], command: str) -> str:
         "",
         format_table(results),
         "",
-        "How these are measured (`lowvram/bench.py` has the details):",
+        "How these are measured (`lowvram/_bench.py` has the details):",
         "",
         "- **Loop overhead.** `lowvram.train.train` against a hand-written nanoGPT-style loop "
         "(forward, `(loss / accum).backward()`, clip once the gradients are complete, AdamW step, "
         "`zero_grad`): same model, random data, precision, threads and accumulation. The two "
-        "alternate step by step in one process (lowvram's `_grad_hook` runs one plain step and one "
+        "alternate step by step in one process (lowvram's `on_optimizer_step` callback runs one plain step and one "
         f"reference matmul, in alternating order; {counts}), so load from other jobs hits both "
         "alike. A step runs from one moment the gradients are complete to the next, so lowvram's "
         "includes accelerate's wrappers, the per-step loss/token reduction, its `.item()` calls "
@@ -766,6 +831,11 @@ def readme_section(results: dict[str, Any], command: str) -> str:
         "in full), times tokens per step, per second; divided, step by step, by "
         f"the FLOP/s of an fp32 `torch.mm` of two {results['matmul_n']} x {results['matmul_n']} "
         "matrices timed next to that step; the median of those ratios.",
+        "- **bf16 on the CPU.** One eager training step (forward, backward, AdamW) in fp32 and "
+        "under `torch.autocast(\"cpu\", torch.bfloat16)`, two models alternating step by step; "
+        "the ratio is the median of the per-pair ratios fp32 / bf16 (above 1: bf16 is faster). "
+        "`lowvram.precision.precision_advice` suggests bf16 on CPUs with native bf16 "
+        "(avx512_bf16, amx_bf16); the notebooks stay fp32.",
         "- **Planner.** `lowvram.memory.measure_step` with its cache cleared each run; the error "
         "compares its `target=\"cpu\"` peak with `real_cpu_peaks` (torch.profiler's allocator).",
         "- **Notebooks.** `python -m pytest --nbval --nbval-current-env --nbval-sanitize-with "
@@ -775,8 +845,8 @@ def readme_section(results: dict[str, Any], command: str) -> str:
     ])
 
 
-def write_readme(section: str, path: str | Path = REPO / "README.md") -> None:
-    """Replace the text between ``README_START`` and ``README_END`` in ``path`` with ``section``."""
+def check_readme(path: str | Path) -> tuple[str, int, int]:
+    """``path``'s text and the span between its markers; a clear error if it cannot take one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"readme={str(path)!r} does not exist: pass the project's README.md")
@@ -790,18 +860,26 @@ def write_readme(section: str, path: str | Path = REPO / "README.md") -> None:
     end = text.index(README_END)
     if end < start:
         raise ValueError(f"{path}: {README_END!r} comes before {README_START!r}: swap them")
+    return text, start, end
+
+
+def write_readme(section: str, path: str | Path = REPO / "README.md") -> None:
+    """Replace the text between ``README_START`` and ``README_END`` in ``path`` with ``section``."""
+    path = Path(path)
+    text, start, end = check_readme(path)
     path.write_text(text[:start] + "\n" + section.strip("\n") + "\n" + text[end:], encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- command line
 
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # they set torch's threads at start-up
+# recorded in the README's command: the thread counts torch starts with, and the Makefile's NB_ENV
+_RECORDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lowvram.bench [--json] [--write-readme] [--quick] [--tiny] [--threads N]``."""
+    """``python -m lowvram._bench [--json] [--write-readme] [--quick] [--tiny] [--threads N]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m lowvram.bench",
+        prog="python -m lowvram._bench",
         description="Benchmarks of lowvram, measured side by side in one run.",
     )
     parser.add_argument("--json", action="store_true",
@@ -816,6 +894,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch threads of the loop measurements (default: torch's default "
                         "count, then 1)")
     args = parser.parse_args(argv)
+    if args.write_readme:  # checked before minutes of measuring, not after
+        if args.quick or args.tiny:
+            parser.error("--write-readme with --quick/--tiny is not allowed: the README states "
+                         "the full benchmark's figures (--tiny's mean nothing, --quick has no "
+                         "notebooks); drop those flags, or leave out --write-readme")
+        try:
+            check_readme(args.readme)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
     plan = tiny_plan() if args.tiny else default_plan()
     if args.threads is not None:
         if args.threads < 1:
@@ -837,8 +924,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  if getattr(args, name)]
         if args.threads is not None:
             flags.append(f"--threads {args.threads}")
-        env = [f"{k}={os.environ[k]}" for k in _THREAD_ENV if k in os.environ]
-        command = " ".join([*env, "python -m lowvram.bench", *flags])
+        env = [f"{k}={os.environ[k]}" for k in _RECORDED_ENV if k in os.environ]
+        command = " ".join([*env, "python -m lowvram._bench", *flags])
         write_readme(readme_section(results, command), args.readme)
         log(f"wrote the Performance section of {args.readme}")
     return 0

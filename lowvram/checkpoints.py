@@ -1,0 +1,582 @@
+"""Checkpoints and output directories of a training run: atomic saves, one resume check, a lock.
+
+    from lowvram.checkpoints import latest_checkpoint
+    latest_checkpoint("runs/cpu-demo")   # runs/cpu-demo/checkpoints/step_000200, or None
+
+What ``lowvram.train.train`` relies on:
+
+- **Atomic saves.** A checkpoint (``<output_dir>/checkpoints/step_000100``) is written into
+  ``step_000100.tmp``; ``manifest.json`` (step, configs, the run's identity, a size and sha256
+  per file) is its last file, and the directory is renamed into place only then. A crash
+  leaves the older checkpoints intact; a failed save (a full disk) leaves no ``.tmp`` behind.
+- **One resume check for every route** (an explicit path or ``"latest"``): the model, the
+  batch settings, the process count, the batches per epoch, the seed and a hash of the train
+  rows must be this run's; every file must have its recorded size and sha256, and the RNG
+  state of every process must be there. ``"latest"`` skips (and names) checkpoints of another
+  run; it never calls them corrupt.
+- **An output directory belongs to one run.** A fresh run into a directory that holds another
+  run's checkpoints, model or history is refused unless ``overwrite_output_dir``; a lock file
+  (with the writer's pid; a dead writer's lock is stale and replaced) stops two trainings
+  writing at once; the directory is checked (a directory, writable, room for one checkpoint)
+  before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "HISTORY_FILE",
+    "LOCK_FILE",
+    "MANIFEST_FILE",
+    "LoopState",
+    "OutputDirInUseError",
+    "OutputDirLock",
+    "check_output_dir",
+    "complete_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "run_identity",
+    "save_checkpoint",
+    "sha256_file",
+    "write_history",
+]
+
+HISTORY_FILE = "history.json"
+LOOP_STATE_FILE = "loop_state.json"  # next to accelerate's files in each checkpoint
+MANIFEST_FILE = "manifest.json"  # a checkpoint's last file: step, configs, identity, file hashes
+CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lowvram.lock"  # in the output dir while a training writes to it
+MODEL_FILE = "model.safetensors"
+MANIFEST_FORMAT = 2  # 2: files as {name: {"bytes", "sha256"}}, plus the run identity
+_COMPLETE = re.compile(r"step_\d{6,}")  # a complete checkpoint's directory name
+_UNFINISHED = re.compile(r"step_\d{6,}\.(tmp|old)")  # a save in progress, or killed mid-way
+_BYTES_PER_PARAMETER = 12  # one checkpoint: fp32 weights + AdamW's two moments
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where the loop stands; saved with each checkpoint, enough to continue from it."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch to continue in
+    batches_in_epoch: int = 0  # micro-batches of that epoch already consumed (per process)
+    tokens: int = 0  # input tokens seen, all processes together
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def run_identity(model_config, train_config, num_processes: int, batches_per_epoch: int,
+                 train_data_sha256: str) -> dict[str, Any]:
+    """What a checkpoint must share with a run to be resumed by it (the manifest's view)."""
+    return {
+        "model": dataclasses.asdict(model_config),
+        "per_device_train_batch_size": train_config.per_device_train_batch_size,
+        "gradient_accumulation_steps": train_config.gradient_accumulation_steps,
+        "num_processes": num_processes,
+        "batches_per_epoch": batches_per_epoch,
+        "seed": train_config.seed,
+        "train_data_sha256": train_data_sha256,
+    }
+
+
+def _identity_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    train = manifest.get("train", {})
+    return {
+        "model": manifest.get("model"),
+        "per_device_train_batch_size": train.get("per_device_train_batch_size"),
+        "gradient_accumulation_steps": train.get("gradient_accumulation_steps"),
+        "num_processes": manifest.get("num_processes"),
+        "batches_per_epoch": manifest.get("batches_per_epoch"),
+        "seed": train.get("seed"),
+        "train_data_sha256": manifest.get("train_data_sha256"),
+    }
+
+
+_POSITION = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_processes",
+             "batches_per_epoch")  # fmt: skip
+
+
+def _mismatch(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why the checkpoint at ``path`` is another run's (a sentence ending in what to do), or None."""
+    if saved["model"] != now["model"]:
+        return (f"was written for the model {saved['model']}, not {now['model']}: resume with "
+                "the same model config")
+    if any(saved[k] != now[k] for k in _POSITION):
+        names = "per_device_train_batch_size, gradient_accumulation_steps, processes, batches per epoch"
+        was, has = tuple(saved[k] for k in _POSITION), tuple(now[k] for k in _POSITION)
+        why = ""
+        if saved["num_processes"] != now["num_processes"]:
+            why = (f" The process count differs ({saved['num_processes']} -> "
+                   f"{now['num_processes']}): the saved data position, RNG states and LR ticks "
+                   "are per process, so it cannot continue correctly.")
+        return (f"was written with ({names}) = {was}, this run has {has}: the checkpoint's data "
+                f"position would mean other rows.{why} Resume with the same batch settings, "
+                "process count and train data, or start a new run")
+    if saved["seed"] != now["seed"]:
+        return (f"was written with seed={saved['seed']}, this run has seed={now['seed']}: the "
+                "seed fixes the data order, so the rest of the epoch would repeat and skip rows. "
+                f"Resume with --seed {saved['seed']}, or start a new run")
+    if saved["train_data_sha256"] != now["train_data_sha256"]:
+        return ("was written for other train data (the sha256 of its rows differs, same "
+                "number of batches): resume with the train data it was trained on, or start "
+                "a new run")
+    return None
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks (about 1-2 GB/s on one core)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(directory: Path) -> None:
+    """Flush a directory's files (and, on POSIX, the directory itself) to the disk, so that a
+    rename after it cannot point at data that a power cut would lose."""
+    for f in directory.iterdir():
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    if os.name == "posix":  # Windows cannot open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists() or not os.path.ismount(path):
+        if path.parent == path:
+            break
+        path = path.parent
+    return path
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _disk_full(path: Path, err: BaseException) -> bool:
+    text = str(err)
+    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        # torch's zip writer turns ENOSPC into "PytorchStreamWriter failed writing file ...:
+        # file write failed" or "... unexpected pos N vs M"
+        isinstance(err, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+    )
+
+
+def _disk_full_error(directory: Path, need: int | None, what: str) -> OSError:
+    free = _free_bytes(directory) / 2**20
+    needs = f"; one checkpoint of this model needs about {need / 2**20:.0f} MiB" if need else ""
+    return OSError(
+        errno.ENOSPC,
+        f"the disk holding {directory} (mounted at {_mount_point(directory)}) is full: "
+        f"{free:.0f} MiB free{needs}. {what} Free some space (old runs/, data caches) or choose "
+        "another --output-dir, then resume with --resume-from latest",
+    )
+
+
+def write_history(output_dir: Path, history: dict[str, Any]) -> None:
+    """history.json, written atomically (a crash leaves the old one or the new one)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / f".{HISTORY_FILE}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(history, indent=1))
+        os.replace(tmp, output_dir / HISTORY_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The complete checkpoints (renamed into place, manifest present), oldest step first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [
+        p for p in checkpoints_dir.iterdir()
+        if _COMPLETE.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()
+    ]  # fmt: skip
+    return sorted(found, key=lambda p: int(p.name[len("step_"):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints``, or None.
+
+    A save that was interrupted (``step_XXXXXX.tmp``) is never returned. (``train`` with
+    ``resume_from="latest"`` also skips checkpoints of another run: :func:`resolve_checkpoint`.)
+    """
+    complete = complete_checkpoints(Path(output_dir) / CHECKPOINTS_DIR)
+    return complete[-1] if complete else None
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _required_files(num_processes: int) -> set[str]:
+    """Files every checkpoint must hold: accelerate's state (the RNG states of every process)
+    and the loop state."""
+    rng = {f"random_states_{i}.pkl" for i in range(num_processes)}
+    return {MODEL_FILE, "optimizer.bin", "scheduler.bin", LOOP_STATE_FILE} | rng
+
+
+def save_checkpoint(accelerator, output_dir: Path, loop: LoopState, history: dict[str, Any],
+                    keep: int, identity: dict[str, Any]) -> Path:
+    """``accelerator.save_state`` plus the loop state, the history and a manifest, atomically.
+
+    Everything goes into ``step_XXXXXX.tmp``; ``manifest.json`` (with a size and sha256 per
+    file) is written last, and the directory is renamed into place only then. A crash at any
+    moment leaves either the whole checkpoint or none of it, and the older checkpoints
+    untouched; the oldest are deleted only after the new one is complete. A save that fails
+    (a full disk) removes its ``.tmp`` and says which disk.
+    """
+    checkpoints_dir = output_dir / CHECKPOINTS_DIR
+    path = checkpoints_dir / f"step_{loop.step:06d}"
+    tmp = path.with_name(path.name + ".tmp")  # the same name in every process
+    if accelerator.is_main_process:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints_dir.iterdir():  # left by a run killed while saving
+            if _UNFINISHED.fullmatch(stale.name):
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))  # every process takes part: each writes its RNG states
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"loop": dataclasses.asdict(loop), "history": history}
+            (tmp / LOOP_STATE_FILE).write_text(json.dumps(state, indent=1))
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                     for f in sorted(tmp.iterdir())}  # fmt: skip
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "step": loop.step,
+                "tokens": loop.tokens,
+                "epoch": loop.epoch,
+                "batches_in_epoch": loop.batches_in_epoch,
+                "model": history["config"]["model"],
+                "train": history["config"]["train"],
+                "precision": history["precision"],
+                "num_processes": identity["num_processes"],
+                "batches_per_epoch": identity["batches_per_epoch"],
+                "train_data_sha256": identity["train_data_sha256"],
+                "files": files,
+            }
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+            _fsync(tmp)
+    except Exception as err:  # not KeyboardInterrupt: a killed run's .tmp is cleaned next time
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(checkpoints_dir, err):
+            last = latest_checkpoint(output_dir)
+            kept = f"The last complete checkpoint is {last}." if last else "No checkpoint was kept."
+            raise _disk_full_error(checkpoints_dir, None,
+                                   f"Saving {path.name} failed and its partial files were "
+                                   f"removed. {kept}") from None
+        raise
+    if accelerator.is_main_process:
+        old = path.with_name(path.name + ".old")
+        if path.exists():  # the same step saved again (a resumed run): swap, then delete
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(checkpoints_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        for older in complete_checkpoints(checkpoints_dir)[:-keep]:
+            if older != path:
+                shutil.rmtree(older)
+    accelerator.wait_for_everyone()
+    return path
+
+
+# ----------------------------------------------------------------------------- check and load
+
+
+def _checkpoint_problem(path: Path, what: str) -> ValueError:
+    """A ValueError for an unusable checkpoint, naming the complete ones next to it."""
+    others = [p.name for p in complete_checkpoints(path.parent) if p != path]
+    where = (
+        f"complete checkpoints next to it: {', '.join(others)}" if others
+        else "there is no other complete checkpoint next to it: train from the start"
+    )  # fmt: skip
+    return ValueError(f"resume_from={str(path)!r} {what}. Delete it and resume from another; {where}")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        dict(manifest["files"]), manifest["model"], manifest["train"]  # noqa: B018 (shape check)
+    except (ValueError, KeyError, TypeError) as err:
+        raise _checkpoint_problem(
+            path, f"is corrupt: {MANIFEST_FILE} is unreadable ({type(err).__name__}: {err})"
+        ) from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(
+            f"resume_from={str(path)!r} was written by an older lowvram (its {MANIFEST_FILE} "
+            "records no file hashes, seed or data identity), so it cannot be checked: start a "
+            "new run"
+        )
+    return manifest
+
+
+def _check_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists (and every file a checkpoint needs) has its size and
+    sha256; sizes first (cheap, and a truncation says so)."""
+    files = manifest["files"]
+    for name in sorted(_required_files(manifest["num_processes"]) - set(files)):
+        raise _checkpoint_problem(path, f"is corrupt: {name} is missing (not in its manifest)")
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            raise _checkpoint_problem(path, f"is corrupt: {name} is missing")
+        if f.stat().st_size != meta["bytes"]:
+            raise _checkpoint_problem(
+                path,
+                f"is corrupt: {name} has {f.stat().st_size} bytes, its manifest says "
+                f"{meta['bytes']} (truncated or overwritten)",
+            )
+    for name, meta in files.items():
+        actual = sha256_file(path / name)
+        if actual != meta["sha256"]:
+            raise _checkpoint_problem(
+                path,
+                f"is corrupt: {name} has sha256 {actual[:12]}..., its manifest says "
+                f"{meta['sha256'][:12]}... (changed on the disk since it was saved)",
+            )
+
+
+def _check_one(path: Path, identity: dict[str, Any]) -> None:
+    """The check of one checkpoint directory: complete, this run's, every file intact."""
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"resume_from={str(path)!r} does not exist or is not a directory, so it is not a "
+            f"lowvram checkpoint: pass one such as <output_dir>/{CHECKPOINTS_DIR}/step_000100, "
+            "or 'latest'"
+        )
+    if _UNFINISHED.fullmatch(path.name):
+        raise _checkpoint_problem(
+            path, "is an incomplete checkpoint: a save was interrupted while writing it"
+        )
+    if not (path / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(
+            f"resume_from={str(path)!r} is not a lowvram checkpoint ({MANIFEST_FILE}, the file "
+            f"written last, is missing): pass a directory such as "
+            f"<output_dir>/{CHECKPOINTS_DIR}/step_000100, or 'latest'"
+        )
+    manifest = _read_manifest(path)
+    why = _mismatch(path, _identity_of(manifest), identity)
+    if why:
+        raise ValueError(f"resume_from={str(path)!r} {why}")
+    _check_files(path, manifest)
+
+
+def resolve_checkpoint(resume_from: str | Path, output_dir: Path, identity: dict[str, Any],
+                       log: Callable[[str], None] = print) -> Path:
+    """The checkpoint to resume from, checked against this run before anything is built.
+
+    ``"latest"`` is the newest complete checkpoint of *this* run under ``output_dir``: those of
+    another run (other model, batch, processes, seed or data) are skipped with a line through
+    ``log`` saying why. Then the same check as an explicit path: every file's size and sha256.
+    """
+    if str(resume_from) != "latest":
+        path = Path(resume_from)
+        _check_one(path, identity)
+        return path
+    checkpoints_dir = output_dir / CHECKPOINTS_DIR
+    skipped = []
+    for path in reversed(complete_checkpoints(checkpoints_dir)):
+        try:
+            manifest = _read_manifest(path)
+        except ValueError as err:  # unreadable or of an older format: not this run's either
+            skipped.append(f"{path.name} ({str(err).split(': ', 1)[-1][:120]})")
+            log(f"resume_from='latest': skipping {path}: {str(err).split(' ', 1)[-1][:200]}")
+            continue
+        why = _mismatch(path, _identity_of(manifest), identity)
+        if why is None:
+            _check_files(path, manifest)
+            return path
+        reason = why.split(": ")[0]
+        skipped.append(f"{path.name} ({reason})")
+        log(f"resume_from='latest': skipping {path}, a checkpoint of another run: it {reason}")
+    if skipped:
+        raise FileNotFoundError(
+            f"resume_from='latest' but {checkpoints_dir} holds no checkpoint of this run, only "
+            f"of others: {'; '.join(skipped)}. Resume from one of them with the settings it was "
+            "written with, or start a new run (--overwrite-output-dir, or another --output-dir)"
+        )
+    raise FileNotFoundError(
+        f"resume_from='latest' but {checkpoints_dir} holds no complete checkpoint: train "
+        "without resume_from first (checkpoints are saved at each epoch end and every "
+        "checkpoint_interval steps)"
+    )
+
+
+def load_checkpoint(accelerator, path: Path, model) -> tuple[LoopState, dict[str, Any]]:
+    """``accelerator.load_state`` plus the loop state and history saved next to it (the
+    checkpoint was checked by :func:`resolve_checkpoint`; what still fails to load is corrupt).
+    Weights that are NaN or inf are refused: such a checkpoint is not a good state."""
+    import torch  # the module itself stays light: lowvram.plots imports it
+
+    try:
+        state = json.loads((path / LOOP_STATE_FILE).read_text())
+        loop = LoopState(**state["loop"])
+        history = state["history"]
+        # accelerate also loads the RNG states, the scheduler, AdamW and the GradScaler
+        accelerator.load_state(str(path))
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise _checkpoint_problem(
+            path, f"is corrupt: it could not be loaded ({type(err).__name__}: {first})"
+        ) from err
+    broken = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise _checkpoint_problem(
+            path, f"holds NaN or inf weights ({', '.join(broken[:3])}"
+            f"{', ...' if len(broken) > 3 else ''}): it was saved after training had diverged"
+        )
+    return loop, history
+
+
+# ----------------------------------------------------------------------------- output dirs
+
+
+def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool,
+                     num_parameters: int) -> None:
+    """Refuse, before training, an output dir that cannot take this run's files.
+
+    It must be (or become) a writable directory with room for one checkpoint
+    (``12 bytes x parameters``: fp32 weights and AdamW's two moments), and a fresh run
+    (``resume=False``) must not mix with another run's files unless ``overwrite``.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(
+            f"output_dir={str(output_dir)!r} is a file, not a directory: choose another "
+            "--output-dir (or move the file away)"
+        )
+    if not resume and not overwrite:
+        found = [n for n in (CHECKPOINTS_DIR, MODEL_FILE, HISTORY_FILE)
+                 if (output_dir / n).exists()]  # fmt: skip
+        if found:
+            raise FileExistsError(
+                f"output_dir={str(output_dir)!r} already holds another run's "
+                f"{', '.join(found)}: a fresh run there would mix with it. Resume it "
+                "(--resume-from latest / resume_from='latest'), choose another --output-dir, or "
+                "replace it (--overwrite-output-dir / overwrite_output_dir=True)"
+            )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(
+            f"output_dir={str(output_dir)!r} cannot be created ({type(err).__name__}: "
+            f"{err.strerror or err}): choose another --output-dir"
+        ) from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"output_dir={str(output_dir)!r} is not writable: choose another --output-dir, or "
+            f"make it writable (chmod u+w {output_dir})"
+        )
+    need = _BYTES_PER_PARAMETER * num_parameters + 2**20
+    if _free_bytes(output_dir) < need:
+        raise _disk_full_error(output_dir, need, "Nothing was trained.")
+
+
+class OutputDirInUseError(OSError):
+    """Another training (a live process) holds the output dir's lock."""
+
+
+class OutputDirLock:
+    """``<output_dir>/.lowvram.lock`` while one training writes there (the main process's).
+
+    The file holds the writer's host and pid. A lock whose process is gone (killed, the
+    machine restarted) is stale: it is replaced, with a line through ``log``.
+    """
+
+    def __init__(self, output_dir: Path, log: Callable[[str], None] = print) -> None:
+        self.path = output_dir / LOCK_FILE
+        self.log = log
+        self.held = False
+
+    def _owner(self) -> tuple[str, int] | None:
+        try:
+            host, pid = self.path.read_text().split()[:2]
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> None:
+        me = f"{socket.gethostname()} {os.getpid()}\n"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and not _is_stale(*owner):
+                    raise OutputDirInUseError(
+                        f"another training (pid {owner[1]} on {owner[0]}) is writing to "
+                        f"{self.path.parent}: wait for it, stop it, or choose another "
+                        f"--output-dir. (If no such training runs, delete {self.path}.)"
+                    ) from None
+                self.log(f"removing a stale lock {self.path} (pid {owner[1] if owner else '?'} "
+                         "is gone)")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return
+        raise OutputDirInUseError(f"could not take the lock {self.path}: another training took it first")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> OutputDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _is_stale(host: str, pid: int) -> bool:
+    """The lock's writer is gone: this host and no such process (another host: not stale)."""
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return False  # this process: a second train() in the same kernel while the first runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        return False
+    return False
+
+
+def overwrite_output_dir(output_dir: Path) -> None:
+    """Delete an earlier run's checkpoints, model and history (``overwrite_output_dir``)."""
+    shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    for name in (MODEL_FILE, HISTORY_FILE):
+        (output_dir / name).unlink(missing_ok=True)

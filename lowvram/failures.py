@@ -1,0 +1,172 @@
+"""What a training run reports when it fails: NaN/inf losses and out-of-memory, with advice.
+
+    from lowvram.failures import NonFiniteLossError, TrainingOutOfMemoryError
+
+``lowvram.train.train`` raises these; each message says what happened, what was kept and what
+to try. The OOM advice asks ``lowvram.memory``'s planner (imported only after an OOM: it
+measures a few steps on fake tensors, about a second each for the lesson's model).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from lowvram.config import ModelConfig, TrainConfig
+from lowvram.precision import PRECISION_LABELS
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainingOutOfMemoryError",
+    "is_cpu_out_of_memory",
+    "non_finite",
+    "non_finite_message",
+    "out_of_memory_error",
+    "planner_advice",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped: an optimizer step's loss (or, without a GradScaler, its gradient
+    norm) was NaN or inf. history.json holds the steps before it; nothing with the broken
+    weights was saved, so the last checkpoint is the last good state."""
+
+
+class TrainingOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """The GPU (or the CPU's RAM) ran out of memory during ``train``; the message carries
+    ``lowvram.memory``'s plan (micro-batch and accumulation that fit). Still a
+    ``torch.OutOfMemoryError``."""
+
+
+def non_finite(record: dict[str, Any]) -> str | None:
+    """What is not finite in an optimizer step's record, or None. Under a GradScaler an inf
+    gradient norm is an fp16 overflow that the scaler skipped (counted, not an error)."""
+    if not math.isfinite(record["loss"]):
+        return f"the loss is {record['loss']}"
+    if not math.isfinite(record["grad_norm"]) and not record["skipped"]:
+        return f"the gradient norm is {record['grad_norm']} (the loss was {record['loss']:.4f})"
+    return None
+
+
+def non_finite_message(
+    record: dict[str, Any],
+    problem: str,
+    *,
+    steps_done: int,
+    last_checkpoint: str | None,
+    history_file: str,
+    precision: str,
+    has_scaler: bool,
+    max_lr: float,
+) -> str:
+    """The NonFiniteLossError message: where it stopped, what was kept, the likely causes."""
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else (
+        "no checkpoint was saved yet")
+    if record["lr"] > 0:
+        lr_cause = (f"(1) the learning rate is too high (this step ran at lr={record['lr']:.2e}, "
+                    f"max_lr={max_lr:g}): lower max_lr or warm up longer; ")
+    else:  # lr 0 changes no weight: the learning rate is not what broke them
+        lr_cause = (f"(1) not the learning rate: this step ran at lr={record['lr']:.2e}, so the "
+                    "weights were already broken (a damaged checkpoint?) or the forward pass "
+                    "overflowed; ")
+    scaler = "with" if has_scaler else "without"
+    return (
+        f"training stopped at optimizer step {record['step']} (epoch {record['epoch']}): "
+        f"{problem}. Nothing from this step was saved: {kept}, and {history_file} holds the "
+        f"{steps_done} steps before it. Likely causes: {lr_cause}"
+        f"(2) fp16 overflow (this run: precision={precision!r} {scaler} a GradScaler): fp16 "
+        "holds values only up to 65504, and a GradScaler guards the gradients but not the "
+        "forward pass; use bf16 or 'no' (fp32); "
+        "(3) bad data in this step's batches (token ids are range-checked, so look for rows "
+        "unlike the rest)"
+    )
+
+
+def is_cpu_out_of_memory(err: BaseException) -> bool:
+    """True for the CPU allocator's out-of-memory RuntimeError (torch raises no OOM class)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "DefaultCPUAllocator: can't allocate memory" in text
+        or "DefaultCPUAllocator: not enough memory" in text
+    )
+
+
+def planner_advice(
+    model_config: ModelConfig, train_config: TrainConfig, precision: str, card_gib: float
+) -> str:
+    """``lowvram.memory``'s plan for this model on this card: the largest micro-batch that
+    fits, for this run's precision and for fp16. Computed only after an OOM."""
+    from lowvram.memory import Recipe, plan  # lazily: only after an OOM
+
+    recipes = [
+        Recipe(p, precision=p, tie=model_config.tie_embeddings,
+               checkpointing=model_config.gradient_checkpointing)
+        for p in dict.fromkeys([precision, "fp16"])
+    ]  # fmt: skip
+    try:
+        rows = plan(model_config, card_gib, train_config.effective_batch_size, recipes)
+    except Exception as err:  # advice only: never hide the OOM behind the planner's failure
+        return f"(lowvram.memory's planner failed: {type(err).__name__}: {err})"
+    advice = []
+    for row in rows:
+        p = row.recipe.precision
+        name = PRECISION_LABELS[p]
+        if not row.fits:
+            advice.append(
+                f"with {name} not even a micro-batch of 1 fits: turn on gradient_checkpointing "
+                "and tie_embeddings in the ModelConfig, or use a smaller model or block_size"
+            )
+            continue
+        advice.append(
+            f"with {name} micro-batch <= {row.micro_batch}, accumulation {row.accumulation} "
+            f"(effective batch {row.effective_batch}): try --per-device-train-batch-size "
+            f"{row.micro_batch} --gradient-accumulation-steps {row.accumulation} "
+            f"--mixed-precision {p} (in Python: train_config.replace(per_device_train_batch_size="
+            f"{row.micro_batch}, gradient_accumulation_steps={row.accumulation}, "
+            f"mixed_precision={p!r}))"
+        )
+    return (
+        f"The memory planner (lowvram.memory) says, for this model on a {card_gib:.1f} GiB card: "
+        + "; ".join(advice)
+    )
+
+
+def _host_ram_gib() -> float:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 4.0
+
+
+def out_of_memory_error(
+    original: str,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    precision: str,
+    device: torch.device,
+    cpu_allocator: bool = False,
+) -> TrainingOutOfMemoryError:
+    """The OOM error a learner can act on: what ran, and what the planner says would fit.
+
+    ``cpu_allocator``: the CPU's RAM ran out (planned for the host's RAM); otherwise CUDA's
+    memory (planned for the card; on a CPU device, a test's artificial OOM: the course's 4 GB).
+    """
+    if cpu_allocator:
+        what, card_gib = "The CPU ran out of memory (host RAM)", _host_ram_gib()
+        others = "Also close other programs that use much RAM."
+    else:
+        what = "CUDA ran out of memory"
+        card_gib = (torch.cuda.get_device_properties(device).total_memory / 2**30
+                    if device.type == "cuda" else 4.0)  # fmt: skip
+        others = "Also close other programs that use the GPU (nvidia-smi lists them)."
+    tc = train_config
+    return TrainingOutOfMemoryError(
+        f"{what} during training ({original}). This run: "
+        f"per_device_train_batch_size={tc.per_device_train_batch_size}, "
+        f"gradient_accumulation_steps={tc.gradient_accumulation_steps}, precision={precision!r}, "
+        f"block_size={model_config.block_size}. "
+        f"{planner_advice(model_config, tc, precision, card_gib)}. {others}"
+    )

@@ -1,0 +1,79 @@
+"""Helpers shared by the training tests: random rows, a tiny run, weights on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from unittest import mock
+
+import torch
+from safetensors.torch import load_file
+
+import lowvram.train
+from lowvram.config import ModelConfig, TrainConfig, get_preset
+from lowvram.data import random_rows
+from lowvram.precision import force_grad_scaler
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL, TRAIN = get_preset("tiny")  # vocab 96, block 16, 2 x 2 x 32; batch 2 x accum 2
+
+
+def rows(n: int, seed: int = 0, model: ModelConfig = MODEL) -> torch.Tensor:
+    """``n`` random rows of block_size + 1 token ids (the package's one helper)."""
+    return random_rows(model, n, seed)
+
+
+@contextlib.contextmanager
+def forced_fp16(init_scale: float | None = None):
+    """``train`` runs fp16 autocast with a GradScaler on the CPU, as on the 4 GB card: the
+    precision policy is patched to answer "fp16" (then ``train`` forces the scaler itself)."""
+    reason = "fp16 autocast with a GradScaler forced on the CPU (demonstration)"
+    patches = [mock.patch.object(lowvram.train, "resolve_precision",
+                                 lambda requested, device: ("fp16", reason))]
+    if init_scale is not None:
+        patches.append(mock.patch.object(
+            lowvram.train, "force_grad_scaler",
+            functools.partial(force_grad_scaler, init_scale=init_scale)))
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+def run(out: Path, model: ModelConfig = MODEL, n_train: int = 32, *, fp16: bool = False,
+        init_scale: float | None = None, **kwargs) -> dict:
+    """Train ``model`` (tiny) on ``n_train`` random rows into ``out``; return the history.
+
+    TrainConfig fields in ``kwargs`` change the config; the rest go to ``train``. ``fp16``:
+    fp16 autocast with a GradScaler on the CPU (:func:`forced_fp16`).
+    """
+    changes = {k: kwargs.pop(k) for k in list(kwargs) if k in TrainConfig.__dataclass_fields__}
+    train_config = TRAIN.replace(output_dir=str(out), **changes)
+    with forced_fp16(init_scale) if fp16 else contextlib.nullcontext():
+        return lowvram.train.train(model, train_config, train_data=rows(n_train, model=model),
+                                   val_data=rows(8, seed=1, model=model), progress=False, **kwargs)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def write_data(data_dir: Path, n_train: int) -> None:
+    """The learner's "own" train_data.pt / val_data.pt in ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(rows(n_train), data_dir / "train_data.pt")
+    torch.save(rows(8, seed=1), data_dir / "val_data.pt")

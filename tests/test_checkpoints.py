@@ -1,0 +1,307 @@
+"""lowvram.checkpoints: one resume check for every route, owned output dirs, hashed files.
+
+Each test is one case of an adversarial pass against the CLI and the Python API: what it did
+before is in the comment, what it does now is asserted. Tiny preset, random rows, CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import accelerate.checkpointing
+import pytest
+import torch
+from conftest import MODEL, TRAIN, checkpoints, rows, run, write_data
+
+import lowvram.checkpoints
+from lowvram.checkpoints import (
+    LOCK_FILE,
+    OutputDirInUseError,
+    OutputDirLock,
+    latest_checkpoint,
+    run_identity,
+    sha256_file,
+)
+from lowvram.data import rows_fingerprint
+from lowvram.schedule import lr_schedule
+from lowvram.train import main, train
+
+STEP_4 = Path("checkpoints") / "step_000004"
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("four") / "run"
+    run(out, max_steps=4, checkpoint_interval=2)
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def test_sha256_file_and_identity(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"abc" * 1_000_000)
+    assert sha256_file(f) == hashlib.sha256(b"abc" * 1_000_000).hexdigest()
+    identity = run_identity(MODEL, TRAIN, 1, 16, rows_fingerprint(rows(32)))
+    assert identity["seed"] == TRAIN.seed and identity["num_processes"] == 1
+    assert identity["model"] == dataclasses.asdict(MODEL)
+    assert rows_fingerprint(rows(32)) != rows_fingerprint(rows(32, seed=5))  # same shape
+
+
+def test_lock_refuses_a_live_writer_and_replaces_a_stale_one(tmp_path):
+    lines = []
+    with OutputDirLock(tmp_path, log=lines.append):
+        assert (tmp_path / LOCK_FILE).read_text().split() == [socket.gethostname(), str(os.getpid())]
+    assert not (tmp_path / LOCK_FILE).exists()  # released
+    (tmp_path / LOCK_FILE).write_text(f"{socket.gethostname()} {os.getppid()}\n")  # alive
+    with pytest.raises(OutputDirInUseError, match=rf"another training \(pid {os.getppid()} on "):
+        OutputDirLock(tmp_path).acquire()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_FILE).write_text(f"{socket.gethostname()} {dead.pid}\n")  # SIGKILLed run
+    lock = OutputDirLock(tmp_path, log=lines.append)
+    lock.acquire()
+    assert lines == [f"removing a stale lock {tmp_path / LOCK_FILE} (pid {dead.pid} is gone)"]
+    lock.release()
+
+
+# ----------------------------------------------------------------------------- one resume check
+
+
+def test_latest_gets_every_check_and_skips_another_runs_checkpoint(tmp_path, four_steps, capsys):
+    # before: `latest` returned before the manifest was read; a resume with batch 4 exited 0
+    out = copy_run(four_steps, tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"holds no checkpoint of this run, only of "
+                                                r"others: step_000004 \(was written with"):
+        run(out, max_steps=6, per_device_train_batch_size=4, resume_from="latest")
+    printed = capsys.readouterr().out
+    assert f"skipping {out / STEP_4}, a checkpoint of another run" in printed
+    assert "corrupt" not in printed  # never "corrupt ... Delete it" for a good checkpoint
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(seed=5), r"was written with seed=1337, this run has seed=5: the seed fixes the data "
+                   r"order.*Resume with --seed 1337"),
+    (dict(model=dataclasses.replace(MODEL, n_head=4)), "was written for the model"),
+])
+def test_seed_and_model_are_checked_on_every_route(tmp_path, four_steps, change, words):
+    # before: --seed was not checked (the data order changed mid-epoch); `latest` checked nothing
+    out = copy_run(four_steps, tmp_path / "run")
+    with pytest.raises(ValueError, match=words):
+        run(out, max_steps=6, resume_from=out / STEP_4, **change)
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint of this run"):
+        run(out, max_steps=6, resume_from="latest", **change)
+
+
+def test_other_train_data_of_the_same_length_is_refused(tmp_path, four_steps):
+    out = copy_run(four_steps, tmp_path / "run")
+    config = TRAIN.replace(output_dir=str(out), max_steps=6)
+    with pytest.raises(ValueError, match="was written for other train data"):
+        train(MODEL, config, train_data=rows(32, seed=7), val_data=rows(8, seed=1),
+              progress=False, resume_from=out / STEP_4)
+
+
+def test_another_process_count_is_refused_with_the_reason(tmp_path, four_steps):
+    # before: a 2-process checkpoint resumed by 1 process with `latest` exited 0, step 6 ran at
+    # lr 0.0 and 16 batches were trained again. Simulated: the manifest says 2 processes.
+    out = copy_run(four_steps, tmp_path / "run")
+    for step in ("step_000002", "step_000004"):
+        manifest = out / "checkpoints" / step / "manifest.json"
+        data = json.loads(manifest.read_text())
+        data["num_processes"] = 2
+        manifest.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"\(2, 2, 2, 16\), this run has \(2, 2, 1, 16\).*The "
+                                         r"process count differs \(2 -> 1\).*per process"):
+        run(out, max_steps=6, resume_from=out / STEP_4)
+    with pytest.raises(FileNotFoundError, match="only of others: step_000004 .*step_000002"):
+        run(out, max_steps=6, resume_from="latest")
+
+
+def test_extending_a_finished_run_follows_the_new_schedule(tmp_path, four_steps):
+    # before: "raise max_steps", then the first extra step ran at the old final lr, 0.0
+    out = copy_run(four_steps, tmp_path / "run")
+    old = json.loads((out / "history.json").read_text())
+    assert old["final_lr"] == 0.0
+    extended = run(out, max_steps=6, resume_from="latest")
+    new_schedule = lr_schedule(int(6 * TRAIN.warmup_ratio), 6, TRAIN.max_lr)
+    assert [s["lr"] for s in extended["steps"][4:]] == pytest.approx(new_schedule[4:], abs=1e-12)
+    assert extended["steps"][4]["lr"] > 0
+    assert extended["final_val_loss"] != old["final_val_loss"]  # the extra steps did train
+    assert [s["loss"] for s in extended["steps"][:4]] == [s["loss"] for s in old["steps"]]
+
+
+# ----------------------------------------------------------------------------- output dirs
+
+
+def test_fresh_run_into_a_used_dir_is_refused_unless_overwrite(tmp_path, four_steps):
+    # before: step_2/4 replaced, the old step_6 survived, `latest` then resumed the other run
+    out = copy_run(four_steps, tmp_path / "run")
+    with pytest.raises(FileExistsError, match=r"already holds another run's checkpoints, "
+                                              r"model.safetensors, history.json.*--overwrite-output-dir"):
+        run(out, max_steps=2, checkpoint_interval=2, seed=5)
+    assert checkpoints(out) == ["step_000002", "step_000004"]  # untouched
+    history = run(out, max_steps=2, checkpoint_interval=2, seed=5, overwrite_output_dir=True)
+    assert checkpoints(out) == ["step_000002"] and history["config"]["train"]["seed"] == 5
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_two_trainings_into_one_dir(tmp_path):
+    # before: both exited 0 and one run's results were silently gone
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(f"{socket.gethostname()} {os.getppid()}\n")  # a live training
+    with pytest.raises(OutputDirInUseError, match="another training .* is writing to"):
+        run(out, max_steps=2)
+    assert not (out / "history.json").exists()
+
+
+def test_output_dir_is_checked_before_training(tmp_path, monkeypatch):
+    # before: NotADirectoryError / OSError at the first save, after the training
+    trained = []
+    monkeypatch.setattr(lowvram.checkpoints, "save_checkpoint",
+                        lambda *a, **k: trained.append(1))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        run(a_file, max_steps=2)
+    monkeypatch.setattr(lowvram.checkpoints, "_free_bytes", lambda path: 1000)
+    with pytest.raises(OSError, match=r"the disk holding .* \(mounted at .*\) is full: 0 MiB "
+                                      r"free; one checkpoint of this model needs about 1 MiB\. "
+                                      "Nothing was trained"):
+        run(tmp_path / "full", max_steps=2)
+    assert trained == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_output_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="is not writable"):
+            run(ro, max_steps=2)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_disk_full_during_a_save_names_the_disk_and_leaves_no_tmp(tmp_path, monkeypatch):
+    # before: RuntimeError: ... unexpected pos 4831232 vs 4831124; the .tmp kept the disk full
+    real_save = accelerate.checkpointing.save
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f).name == "optimizer.bin":
+            calls.append(f)
+            if len(calls) == 2:
+                raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter "
+                                   "failed writing file data/3: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match=r"the disk holding .*checkpoints \(mounted at .*\) is "
+                                      r"full.*Saving step_000004 failed and its partial files "
+                                      r"were removed. The last complete checkpoint is .*step_000002"):
+        run(out, max_steps=6, checkpoint_interval=2)
+    assert checkpoints(out) == ["step_000002"]  # no step_000004.tmp
+    assert not (out / LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _cli(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--preset", "tiny", "--data-dir", str(tmp_path / "data"), "--output-dir",
+            str(tmp_path / "out"), "--no-progress", *extra]
+
+
+def test_cli_output_dir_errors_are_one_line(tmp_path, capsys):
+    write_data(tmp_path / "data", 16)
+    (tmp_path / "out").write_text("not a dir")
+    with pytest.raises(SystemExit) as info:
+        main(_cli(tmp_path, "--max-steps", "2"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: NotADirectoryError: output_dir=") and err.count("\n") == 1
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    # before: a KeyboardInterrupt traceback
+    write_data(tmp_path / "data", 32)
+    real_save = lowvram.checkpoints.save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C right after the first checkpoint
+
+    monkeypatch.setattr(lowvram.checkpoints, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(SystemExit) as info:
+        main(_cli(tmp_path, "--max-steps", "4", "--checkpoint-every", "2"))
+    assert info.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"interrupted: the last checkpoint is {tmp_path / 'out' / 'checkpoints' / 'step_000002'}; "
+                   f"resume with: python -m lowvram.train --preset tiny --data-dir {tmp_path / 'data'} "
+                   f"--output-dir {tmp_path / 'out'} --no-progress --max-steps 4 "
+                   "--checkpoint-every 2 --resume-from latest")
+    monkeypatch.undo()
+    assert not (tmp_path / "out" / LOCK_FILE).exists()  # the lock went with it
+    main(_cli(tmp_path, "--max-steps", "4", "--checkpoint-every", "2", "--resume-from", "latest"))
+    assert latest_checkpoint(tmp_path / "out").name == "step_000004"
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_misleading_messages_fixed(tmp_path):
+    from lowvram.config import TrainConfig
+    from lowvram.data import check_rows
+    from lowvram.failures import non_finite_message
+
+    # a uint16 train_data.pt (nanoGPT's format) was refused: "token ids must be integers"
+    ids = check_rows(rows(4).to(torch.uint16), MODEL, "train_data")
+    assert ids.dtype == torch.long and torch.equal(ids, rows(4))
+    # --seed -1 said "0 turns it off"
+    with pytest.raises(ValueError, match=r"seed=-1 is not allowed: seed must be an integer >= 0 "
+                                         r"\(the RNG seed") as info:
+        TrainConfig(seed=-1)
+    assert "turns it off" not in str(info.value)
+    # a NaN at lr 0 (a resumed, already broken state) blamed the learning rate
+    record = {"step": 5, "epoch": 0, "lr": 0.0, "loss": float("nan"), "grad_norm": 1.0}
+    message = non_finite_message(record, "the loss is nan", steps_done=4, last_checkpoint=None,
+                                 history_file="h.json", precision="no", has_scaler=False,
+                                 max_lr=1e-3)
+    assert "not the learning rate: this step ran at lr=0.00e+00" in message
+    assert "too high" not in message
+
+
+def test_cpu_out_of_memory_gets_the_planners_advice(tmp_path):
+    # before: a raw RuntimeError; only CUDA OOM was translated
+    from lowvram.failures import TrainingOutOfMemoryError
+
+    def hook(model):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 4294967296 bytes.")
+
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        run(tmp_path / "oom", max_steps=2, on_optimizer_step=hook)
+    message = str(info.value)
+    assert message.startswith("The CPU ran out of memory (host RAM) during training ([enforce")
+    assert "The memory planner (lowvram.memory) says, for this model on a " in message
+    assert "close other programs that use much RAM" in message
+    assert not (tmp_path / "oom" / LOCK_FILE).exists()
+    run(tmp_path / "again", max_steps=1)  # the next run can start an Accelerator again
