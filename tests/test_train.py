@@ -393,3 +393,14 @@ def test_cpu_demo_learns(tmp_path):
     ln_v = math.log(model.vocab_size)  # 7.62: a uniform guess over 2048 tokens
     assert history["val"][0]["loss"] == pytest.approx(ln_v, abs=0.1)
     assert history["final_val_loss"] < ln_v - 2.0  # measured: 7.66 -> 5.37
+
+
+@pytest.mark.parametrize(("cores", "threads", "processes", "expected"),
+                         [(2, 3, 2, 1), (8, 3, 2, 3), (8, 8, 2, 4), (2, 2, 4, 1)])
+def test_cpu_processes_never_oversubscribe_the_cores(monkeypatch, cores, threads, processes,
+                                                     expected):
+    from lowvram.train import _threads_per_process
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert _threads_per_process(processes) == expected
