@@ -26,7 +26,10 @@ PORTABLE_CPUS := \
 
 .PHONY: install data lab test test-native test-portable unit notebooks lint bench constraints clean
 
+# constraints.txt pins versions (numpy 2.4, matplotlib 3.11, transformers 5.24, ...) that need
+# Python 3.11+; the package itself also runs on 3.10 with pip's own choice of versions (README).
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make lab/test need 	Python 3.11 or newer (constraints.txt pins packages that need it): make PYTHON=python3.11 ..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)

@@ -386,6 +386,9 @@ def step_breakdown(
     for event in prof.key_averages():
         if event.key.startswith("Optimizer.step"):  # a range: its ops are counted below too
             seconds["optimizer"] += event.cpu_time_total
+            # the range's own time is the Python between its ops (the per-parameter loop): it
+            # belongs to the total too, or a loaded machine makes "other" negative
+            total += event.self_cpu_time_total
             continue
         total += event.self_cpu_time_total
         if event.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):

@@ -41,7 +41,8 @@ def test_a_poisoned_weight_stops_training_at_the_first_step(tmp_path):
     )
     assert causes.startswith("(1) the learning rate is too high")
     # without the hook the same run finishes (the notebook's "the fix works" cell)
-    history = train(MODEL, config, train_data=_rows(64, 0), val_data=_rows(8, 1), progress=False)
+    history = train(MODEL, config, train_data=_rows(64, 0), val_data=_rows(8, 1), progress=False,
+                    overwrite_output_dir=True)  # the stopped run's files are replaced
     assert len(history["steps"]) == 4 and torch.isfinite(torch.tensor(history["final_val_loss"]))
 
 
