@@ -53,12 +53,13 @@ def resolve_precision(requested: str, device: torch.device | str) -> tuple[str, 
     if device.type == "cuda":
         if requested == "fp16":
             return "fp16", (
-                "fp16 autocast with a GradScaler on CUDA: half the activation memory; the "
-                "scaler keeps small gradients from underflowing to zero"
+                "fp16 autocast with a GradScaler on CUDA: matmuls in 16 bits (Tensor Cores), "
+                "smaller saved activations, while weights, gradients and AdamW state stay fp32; "
+                "the scaler keeps small gradients from underflowing to zero"
             )
         if torch.cuda.is_bf16_supported():
             return "bf16", (
-                "bf16 autocast on CUDA: the same memory saving as fp16, fp32's exponent range "
+                "bf16 autocast on CUDA: the same 16-bit matmuls as fp16, fp32's exponent range "
                 "(no GradScaler, no skipped steps), 3 fewer mantissa bits"
             )
         reason = (
