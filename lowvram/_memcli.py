@@ -121,7 +121,9 @@ def _verify(model_cfg, micro: int, recipe: memory.Recipe, as_json: bool) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"free on the card at start: {_mib(result['free_at_start'])} of "
-          f"{_mib(result['total_at_start'])} MiB (torch.cuda.mem_get_info, context included)")
+          f"{_mib(result['total_at_start'])} MiB (torch.cuda.mem_get_info, context included): "
+          f"the estimate {'fits' if result['fits_free_at_start'] else 'does NOT fit'} it with "
+          "the plan's reserve")
     for what in ("allocated", "reserved"):
         est, real = result[f"estimated_{what}"], result[f"max_memory_{what}"]
         print(f"max_memory_{what}: estimated {_mib(est, 1)} MiB, measured {_mib(real, 1)} MiB "

@@ -431,7 +431,8 @@ def verify_gpu(
     """Run the same two steps for real on CUDA; return the estimate next to the measurement.
 
     Keys: ``free_at_start`` and ``total_at_start`` (``torch.cuda.mem_get_info()`` before the
-    step: what the card really has free for it), ``estimated_allocated``,
+    step: what the card really has free for it), ``fits_free_at_start`` (1 if the estimate
+    fits that free memory with the plan's reserve, else 0), ``estimated_allocated``,
     ``max_memory_allocated``, ``estimated_reserved``, ``max_memory_reserved``,
     ``estimated_context``, ``measured_outside_allocator`` (the device's used memory minus what
     PyTorch reserved: the context and anything else on the card). Each check of the card is a
@@ -464,6 +465,8 @@ def verify_gpu(
     return {
         "free_at_start": free_at_start,
         "total_at_start": total_at_start,
+        # the plan's question against what is really free: reserved + reserve <= free
+        "fits_free_at_start": int(estimate.fits(total_at_start / GiB, free_bytes=free_at_start)),
         "estimated_allocated": estimate.peak_bytes,
         "max_memory_allocated": torch.cuda.max_memory_allocated(device),
         "estimated_reserved": estimate.reserved_bytes,
