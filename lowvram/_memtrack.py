@@ -319,7 +319,8 @@ def _mark_regions(model: GPTModel, tracker: StorageTracker) -> None:
 
         return hook
 
-    model.wte.register_forward_pre_hook(enter("embeddings"))  # the trunk's first op
+    model.register_forward_pre_hook(enter("embeddings"))
+    model.wte.register_forward_pre_hook(enter("embeddings"))  # for model.hidden(X) too
     if len(model.blocks):
         model.blocks[0].register_forward_pre_hook(enter("blocks"))
     model.ln_f.register_forward_pre_hook(enter("head_and_loss"))

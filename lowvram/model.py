@@ -213,9 +213,8 @@ class GPTModel(nn.Module):
     def _trunk(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.size(1)
         idx = idx.long()  # nn.Embedding takes int64/int32 only; the check allows any int
-        tok = self.wte(idx)  # (B, T, C)
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.drop(tok + self.wpe(pos))  # (B, T, C)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the block's input; recompute its inside during backward
