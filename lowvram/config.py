@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from lowvram._display import MarkdownTable
 
 __all__ = [
+    "OPTIMIZERS",
     "PRECISIONS",
     "PRESETS",
     "ModelConfig",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW; bitsandbytes' 8-bit AdamW (lowvram.optim)
 
 
 def _require(ok: bool, field: str, value: object, allowed: str) -> None:
@@ -64,6 +66,7 @@ class ModelConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
     tie_embeddings: bool = False  # the Day-17 model has its own lm head; tying saves vocab x n_embd params
     gradient_checkpointing: bool = False  # recompute blocks in backward: less activation memory, ~30% more compute
+    loss_chunk_size: int = 0  # >0: lm head + loss over this many tokens at a time, recomputed in backward: no full logits
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -82,6 +85,7 @@ class ModelConfig:
         )
         for name in ("bias", "tie_embeddings", "gradient_checkpointing"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        _non_negative_int("loss_chunk_size", self.loss_chunk_size)
 
     @property
     def head_size(self) -> int:
@@ -106,6 +110,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1  # the seed's total_steps // 10
     max_grad_norm: float = 1.0  # the seed's clip_grad_norm_(..., 1.0)
     weight_decay: float = 0.01  # torch.optim.AdamW's default, which the seed uses
+    optimizer: str = "adamw"  # the seed's torch.optim.AdamW; "adamw8bit": 2 bytes of state per parameter, not 8
     eval_interval: int = 0  # evaluate every N optimizer steps (0: only at epoch ends and the end)
     eval_max_batches: int | None = None  # cap validation batches (None: the whole val set)
     checkpoint_interval: int = 0  # save_state every N optimizer steps (0: only at epoch ends)
@@ -162,6 +167,12 @@ class TrainConfig:
             "weight_decay",
             self.weight_decay,
             "a number >= 0",
+        )
+        _require(
+            self.optimizer in OPTIMIZERS,
+            "optimizer",
+            self.optimizer,
+            f"one of {', '.join(repr(o) for o in OPTIMIZERS)}",
         )
         _require(isinstance(self.drop_last, bool), "drop_last", self.drop_last, "True or False")
         for name in ("output_dir", "data_dir"):

@@ -8,11 +8,17 @@
 Token + position embeddings, pre-LayerNorm blocks (causal self-attention through
 ``torch.nn.functional.scaled_dot_product_attention``, then an MLP), a final LayerNorm and a
 language-model head, optionally tied to the token embedding.
+
+With ``ModelConfig(loss_chunk_size=N)`` a call with targets computes the head and the loss N
+tokens at a time and recomputes each chunk in backward (:func:`chunked_cross_entropy`), so the
+full (B, T, vocab) logits never exist: it returns ``(None, loss)``. Without targets (``generate``,
+an evaluation that wants logits) the model returns the full logits as usual.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -21,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowvram.config import ModelConfig
 
-__all__ = ["GPTModel"]
+__all__ = ["GPTModel", "chunked_cross_entropy"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -87,6 +93,7 @@ class GPTModel(nn.Module):
         elif kwargs:
             raise TypeError("pass either a ModelConfig or its fields as keywords, not both")
         self.config = config
+        self._range_checked_devices: set[torch.device] = set()  # see _range_check_due
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
         self.drop = nn.Dropout(config.dropout)
@@ -138,19 +145,43 @@ class GPTModel(nn.Module):
                 f"{name} has {idx.size(1)} tokens but block_size={cfg.block_size}: "
                 f"crop to the last {cfg.block_size} tokens (idx[:, -{cfg.block_size}:])"
             )
-        if idx.min() < 0 or idx.max() >= cfg.vocab_size:
-            # checked here: out of range, nn.Embedding fails with an IndexError on CPU and a
-            # device-side assert on CUDA, which poisons the whole CUDA context
+        if self._range_check_due(idx) and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+            # out of range, nn.Embedding fails with an IndexError on CPU and a device-side
+            # assert on CUDA, which poisons the whole CUDA context
             raise ValueError(
                 f"{name} holds token ids in [{int(idx.min())}, {int(idx.max())}] but the model's "
                 f"vocab_size={cfg.vocab_size} allows only [0, {cfg.vocab_size - 1}]: was the data "
                 "encoded with a tokenizer of another vocabulary size?"
             )
 
+    def _range_check_due(self, idx: torch.Tensor) -> bool:
+        """Whether to check ``idx``'s token range now.
+
+        Reading ``idx.min()``/``idx.max()`` of a GPU tensor waits for the GPU (a device-to-host
+        sync), which on every micro-step would stall the CUDA queue. The rows a training run
+        feeds are already checked on the CPU, where it costs nothing, by
+        ``lowvram.data.check_rows``: the data boundary is the guard. Here, CPU tensors are
+        always checked (no sync), and a tensor on another device is checked on the model's
+        first forward with that device only, which catches the usual mistake (data from a
+        tokenizer with another vocabulary size) before the first bad lookup turns into a
+        device-side assert. Never while torch.compile traces (a data-dependent branch).
+        """
+        if torch.compiler.is_compiling():
+            return False
+        if idx.device.type == "cpu":
+            return True
+        if idx.device in self._range_checked_devices:
+            return False
+        self._range_checked_devices.add(idx.device)
+        return True
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (logits (B, T, vocab), mean cross-entropy loss or None)."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Return (logits (B, T, vocab), mean cross-entropy loss or None).
+
+        With ``config.loss_chunk_size`` and targets, the logits are None (they are never built).
+        """
         self._check_input(idx, "idx")
         B, T = idx.size()
         if targets is not None:
@@ -161,7 +192,27 @@ class GPTModel(nn.Module):
                     "they must match (targets are idx shifted by one token)"
                 )
             targets = targets.long()  # cross_entropy wants int64 targets
-        idx = idx.long()  # nn.Embedding takes int64/int32 only; the check above allows any int
+        x = self._trunk(idx)  # (B, T, C)
+        if targets is not None and self.config.loss_chunk_size:
+            # no full logits: the head and the loss run chunk by chunk (see chunked_cross_entropy)
+            return None, chunked_cross_entropy(
+                x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
+                self.config.loss_chunk_size,
+            )
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd) that the lm head reads: everything but the head."""
+        self._check_input(idx, "idx")
+        return self._trunk(idx)
+
+    def _trunk(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        idx = idx.long()  # nn.Embedding takes int64/int32 only; the check allows any int
         pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
@@ -170,12 +221,7 @@ class GPTModel(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        x = self.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
-        return logits, loss
+        return self.ln_f(x)
 
     @torch.no_grad()
     def generate(
@@ -203,3 +249,47 @@ class GPTModel(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+def _chunk_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    cross_entropy: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    logits = F.linear(hidden, weight)  # (chunk, vocab): the only logits alive at any moment
+    return cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    cross_entropy: Callable[..., torch.Tensor] = F.cross_entropy,
+) -> torch.Tensor:
+    """Mean ``cross_entropy(hidden @ weight.T, targets)`` without the full logits.
+
+    Args:
+        hidden: (N, C) final hidden states (after ``ln_f``).
+        weight: (vocab, C) the lm head's weight.
+        targets: (N,) token ids.
+        chunk_size: tokens per chunk; each chunk's (chunk_size, vocab) logits live only inside
+            its own forward, and again inside its own backward, which recomputes them
+            (``torch.utils.checkpoint``): one extra head matmul per token, instead of keeping
+            the logits, their log-softmax and (CUDA autocast) an fp32 copy for the whole step.
+        cross_entropy: the loss of one chunk, called with ``reduction="sum"``.
+
+    The same loss and gradients as the plain path (up to the order of fp32 sums), under
+    autocast too: checkpoint replays each chunk under the autocast state of its forward.
+    Why not a library: Liger-Kernel's fused linear cross-entropy and Apple's cut-cross-entropy
+    are Triton kernels, which need a CUDA GPU (a learner's CPU and our CI have none), and
+    torchtune's chunked loss still takes the hidden-to-logits projection outside, whole. This is
+    the same idea in plain PyTorch, so it runs on CPU and CUDA alike.
+    """
+    chunks = [
+        checkpoint(_chunk_loss, h, weight, t, cross_entropy, use_reentrant=False,
+                   preserve_rng_state=False)  # the head has no dropout: no RNG to replay
+        for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True)
+    ]  # fmt: skip
+    return torch.stack(chunks).sum() / targets.numel()

@@ -114,3 +114,69 @@ def test_generate_appends_tokens_deterministically():
     assert model.generate(long, 2, top_k=5).shape == (1, 42)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(start, 1, temperature=0)
+
+
+def _loss_and_grads(chunk: int, autocast: bool = False, tie: bool = False):
+    model = _model(loss_chunk_size=chunk, tie_embeddings=tie, n_embd=32, vocab_size=96)
+    torch.manual_seed(1)
+    idx = torch.randint(0, TINY.vocab_size, (3, TINY.block_size))
+    tgt = torch.randint(0, TINY.vocab_size, (3, TINY.block_size))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits, loss = model(idx, tgt)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 48, 1000])  # 48 = all tokens, 1000 > all tokens
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(chunk, tie):
+    torch.set_default_dtype(torch.float32)
+    _, plain_loss, plain = _loss_and_grads(0, tie=tie)
+    logits, loss, grads = _loss_and_grads(chunk, tie=tie)
+    assert logits is None  # the full logits are never built
+    assert abs(loss.item() - plain_loss.item()) <= 1e-6 * abs(plain_loss.item())
+    for name, g in plain.items():
+        err = (grads[name] - g).norm() / g.norm()
+        assert err <= 1e-6, (name, err.item())
+
+
+def test_chunked_loss_under_autocast_matches_the_plain_path():
+    _, plain_loss, plain = _loss_and_grads(0, autocast=True)
+    _, loss, grads = _loss_and_grads(16, autocast=True)
+    # bf16 matmuls in both; the chunked sum runs in another order
+    assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-3)
+    err = (grads["lm_head.weight"] - plain["lm_head.weight"]).norm() / plain["lm_head.weight"].norm()
+    assert err < 1e-2
+
+
+def test_chunked_model_still_generates_and_gives_logits_without_targets():
+    model = _model(loss_chunk_size=5).eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    logits, loss = model(idx)
+    assert logits.shape == (2, 8, TINY.vocab_size) and loss is None
+    reference = _model()  # same seed: same weights
+    assert torch.equal(logits, reference.eval()(idx)[0])
+    with torch.no_grad():  # evaluation with targets: the loss, chunked, no logits
+        _, val_loss = model(idx, idx)
+    assert val_loss.item() == pytest.approx(reference(idx, idx)[1].item(), rel=1e-6)
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 6)
+
+
+def test_loss_chunk_size_is_validated():
+    with pytest.raises(ValueError, match="loss_chunk_size=-1 is not allowed"):
+        ModelConfig(loss_chunk_size=-1)
+
+
+def test_token_range_is_checked_on_cpu_always_and_elsewhere_once_per_device():
+    model = _model()
+    cpu = torch.zeros(1, 4, dtype=torch.long)
+    assert model._range_check_due(cpu) and model._range_check_due(cpu)  # no sync on CPU: always
+    other = torch.zeros(1, 4, dtype=torch.long, device="meta")  # stands in for a CUDA tensor
+    assert model._range_check_due(other)  # the first forward on a device: checked (one sync)
+    assert not model._range_check_due(other)  # later ones: no device-to-host sync per step
+    # every bad id still fails clearly on CPU, also after many good calls
+    for _ in range(3):
+        model(cpu)
+    with pytest.raises(ValueError, match="vocab_size=96 allows only"):
+        model(cpu + TINY.vocab_size)

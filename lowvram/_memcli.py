@@ -1,0 +1,133 @@
+"""The command line of :mod:`lowvram.memory` (``python -m lowvram.memory --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from lowvram import memory
+from lowvram._memreport import ADAMW_IMPLS, MAX_MICRO_BATCH, TARGETS, check_card
+from lowvram._memshow import _mib
+from lowvram.config import OPTIMIZERS, PRECISIONS, get_preset
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lowvram.memory",
+        description="Measure the GPU memory of one training step (on CPU) and check it fits a card.",
+    )
+    p.add_argument("--preset", default="rtx2050", help="model preset from lowvram.config (default rtx2050)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (default: the preset's)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast precision (default: the preset's mixed_precision; no = fp32)")
+    p.add_argument("--gradient-checkpointing", "--checkpointing", action="store_true", dest="gradient_checkpointing", help="gradient checkpointing of every block")
+    p.add_argument("--tie-embeddings", "--tie", action="store_true", dest="tie_embeddings", help="tie the lm head to the token embedding")
+    p.add_argument("--loss-chunk-size", type=int, default=None, help="chunked lm head + loss over this many tokens (default: the preset's, 0 = off)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw or adamw8bit (default: the preset's)")
+    p.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default="foreach", help="torch AdamW kernel (default foreach, CUDA's default)")
+    p.add_argument("--target", choices=TARGETS, default="cuda", help="predict a CUDA GPU (default) or report the CPU allocator")
+    p.add_argument("--card-gib", type=float, default=4.0, help="the card's memory in GiB (default 4)")
+    p.add_argument("--plan", action="store_true", help="also print the planner's table (exact effective batch)")
+    p.add_argument("--ablation", action="store_true", help="also print the ablation table")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--verify-gpu", action="store_true", help="run the real step on CUDA and print its peaks next to the estimate")
+    return p
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        model_cfg, train_cfg = get_preset(args.preset)
+    except ValueError as err:
+        parser.error(str(err))
+    micro = args.micro_batch if args.micro_batch is not None else train_cfg.per_device_train_batch_size
+    if not 1 <= micro <= MAX_MICRO_BATCH:
+        parser.error(
+            f"--micro-batch {micro} is not allowed: give a number of sequences in [1, {MAX_MICRO_BATCH}]"
+        )
+    try:
+        check_card(args.card_gib)
+    except ValueError:
+        parser.error(
+            f"--card-gib {args.card_gib:g} is not allowed: give the card's memory in GiB "
+            "(0 < GiB <= 4096), e.g. 4"
+        )
+    chunk = args.loss_chunk_size if args.loss_chunk_size is not None else model_cfg.loss_chunk_size
+    if not 0 <= chunk <= MAX_MICRO_BATCH * model_cfg.block_size:
+        parser.error(f"--loss-chunk-size {chunk} is not allowed: give tokens per chunk (0 = off)")
+    recipe = memory.Recipe(
+        "command line",
+        precision=args.precision or train_cfg.mixed_precision,  # the preset's: rtx2050 is fp16
+        optimizer=args.optimizer or train_cfg.optimizer,
+        adamw_impl=args.adamw_impl,
+        tie_embeddings=args.tie_embeddings or None,
+        gradient_checkpointing=args.gradient_checkpointing or None,
+        loss_chunk_size=chunk,
+    )
+    if args.verify_gpu:
+        return _verify(model_cfg, micro, recipe, args.json)
+    report = memory.measure_step(model_cfg, micro, recipe, target=args.target)
+    target_batch = train_cfg.effective_batch_size
+    rows = memory.plan(model_cfg, args.card_gib, target_batch, largest=True) if args.plan else []
+    steps = memory.ablation(model_cfg, micro, args.card_gib) if args.ablation else []
+    if args.json:
+        out = report.to_dict()
+        out["card_gib"] = args.card_gib
+        out["usable_bytes"] = memory.usable_bytes(args.card_gib)
+        out["fits"] = report.fits(args.card_gib)
+        if args.plan:
+            out["plan"] = [
+                {"recipe": r.recipe.name, "micro_batch": r.micro_batch, "accumulation": r.accumulation,
+                 "effective_batch": r.effective_batch, "largest_micro_batch": r.largest_micro_batch,
+                 "total_bytes": r.report.total_bytes if r.report else None}
+                for r in rows
+            ]
+        if args.ablation:
+            out["ablation"] = [
+                {"step": r.name, "peak_bytes": r.report.peak_bytes, "total_bytes": r.report.total_bytes}
+                for r in steps
+            ]
+        print(json.dumps(out, indent=2))
+        return 0
+    print(memory.format_report(report, args.card_gib))
+    if args.plan:
+        usable = memory.usable_bytes(args.card_gib)
+        print(f"\nPlans for effective batch exactly {target_batch} on {args.card_gib:g} GiB: the "
+              f"largest micro-batch that divides it and keeps Total (CUDA context included) <= "
+              f"{_mib(usable)} MiB ({_mib(memory.reserve_bytes(args.card_gib))} MiB kept free). "
+              "'Largest that fits': the largest micro-batch under that limit, exact or not.")
+        print(memory.plan_table(rows))
+    if args.ablation:
+        print(f"\nAblation at micro-batch {micro}:")
+        print(memory.ablation_table(steps, args.card_gib))
+    return 0
+
+
+def _verify(model_cfg, micro: int, recipe: memory.Recipe, as_json: bool) -> int:  # type: ignore[no-untyped-def]
+    if not torch.cuda.is_available():
+        print(
+            f"error: --verify-gpu needs a CUDA GPU, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}): run it where an NVIDIA GPU and a CUDA build of "
+            "torch are installed",
+            file=sys.stderr,
+        )
+        return 2
+    result = memory.verify_gpu(model_cfg, micro, recipe)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"free on the card at start: {_mib(result['free_at_start'])} of "
+          f"{_mib(result['total_at_start'])} MiB (torch.cuda.mem_get_info, context included): "
+          f"the estimate {'fits' if result['fits_free_at_start'] else 'does NOT fit'} it with "
+          "the plan's reserve")
+    for what in ("allocated", "reserved"):
+        est, real = result[f"estimated_{what}"], result[f"max_memory_{what}"]
+        print(f"max_memory_{what}: estimated {_mib(est, 1)} MiB, measured {_mib(real, 1)} MiB "
+              f"({100 * (est - real) / real:+.1f}%)")
+    print(f"outside the allocator: modelled {_mib(result['estimated_context'])} MiB, "
+          f"measured {_mib(result['measured_outside_allocator'])} MiB")
+    return 0

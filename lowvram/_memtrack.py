@@ -1,0 +1,422 @@
+"""How :mod:`lowvram.memory` measures a step: a storage tracker over fake tensors, the seed's
+loop body that it watches, and the stand-in for an 8-bit optimizer's state.
+
+Private: call ``lowvram.memory.measure_step``. The model, optimizer and batch are fake tensors
+on the ``cpu`` device (``FakeTensorMode``: shapes and dtypes, no data, no arithmetic), and a
+``TorchDispatchMode`` sees every ATen op of the step: it records each new untyped storage and,
+through a weakref finalizer, the moment it dies.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from lowvram._allocator import CachingAllocatorSim
+from lowvram._memreport import (
+    ACTIVATION_PARTS,
+    COMPONENTS,
+    CUBLAS_WORKSPACE_BYTES,
+    CUBLAS_WORKSPACE_HOPPER,
+    CUDA_CONTEXT_BYTES,
+    PHASES,
+    MemoryReport,
+    Recipe,
+)
+from lowvram.config import ModelConfig
+from lowvram.model import GPTModel, chunked_cross_entropy
+
+__all__ = ["StorageTracker", "measure_fake", "run_steps", "make_optimizer"]
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "matmul"}
+
+
+class StorageTracker(TorchDispatchMode):
+    """Records every untyped storage that an op creates and, by a weakref finalizer, its death.
+
+    ``live`` maps the storage's address to ``(serial, charged bytes, nbytes)``; ``log`` keeps the
+    sequence of ``(serial, bytes)`` allocations and ``(serial, 0)`` frees so that the live set at
+    the peak can be replayed afterwards. With an allocator simulation the charged bytes are the
+    allocator's block sizes, otherwise the storage's ``nbytes()``.
+    """
+
+    def __init__(
+        self,
+        allocator: CachingAllocatorSim | None,
+        cublas_workspace: int = 0,
+        host_constants: bool = False,
+    ) -> None:
+        super().__init__()
+        self.allocator = allocator
+        # On CUDA, `torch.tensor(x)` without a device (AdamW's step counters) stays in host memory
+        self.host_constants = host_constants
+        self.host: set[int] = set()
+        self.cublas_workspace = cublas_workspace  # allocated at the first matmul (CUDA)
+        self.workspace_serial: int | None = None
+        self.live: dict[int, tuple[int, int, int]] = {}  # address -> (serial, charged, nbytes)
+        self.log: list[tuple[int, int]] = []
+        self.origin: dict[int, str] = {}  # serial -> phase tag it was allocated in
+        self.region = "other"  # the model part running now (set by forward pre-hooks)
+        self.regions: dict[int, str] = {}  # serial -> model part it was allocated in
+        self.param_keys: set[int] = set()  # storages of the parameters (for autocast's copies)
+        self.serial = 0
+        self.current = 0
+        self.phase = "setup"
+        self.window_open = False
+        self.peak = 0
+        self.peak_index = -1
+        self.peak_phase = ""
+        self.peak_op = ""
+        self.phase_peaks: dict[str, int] = {}
+        self.reserved_peak = 0
+
+    # allocation bookkeeping
+    def _alloc(self, nbytes: int, op: str) -> int:
+        self.serial += 1
+        serial = self.serial
+        charged = self.allocator.malloc(serial, nbytes) if self.allocator else nbytes
+        self.current += charged
+        self.log.append((serial, charged))
+        self.origin[serial] = self.phase
+        self.regions[serial] = self.region
+        if self.window_open:
+            if self.current > self.peak:
+                self.peak = self.current
+                self.peak_index = len(self.log) - 1
+                self.peak_phase = self.phase.split(":")[0]
+                self.peak_op = op
+            name = self.phase.split(":")[0]
+            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.current)
+            if self.allocator is not None:
+                self.reserved_peak = max(self.reserved_peak, self.allocator.reserved)
+        return serial
+
+    def _free(self, serial: int, charged: int) -> None:
+        self.current -= charged
+        self.log.append((serial, 0))
+        if self.allocator is not None:
+            self.allocator.free(serial)
+
+    def _on_storage_death(self, key: int, serial: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None and entry[0] == serial:
+            del self.live[key]
+            self._free(serial, entry[1])
+
+    def track(self, t: torch.Tensor, op: str) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.host:
+            return
+        if self.host_constants and op in ("lift_fresh", "lift_fresh_copy"):
+            self.host.add(key)
+            weakref.finalize(st, self.host.discard, key)
+            return
+        nbytes = st.nbytes()
+        entry = self.live.get(key)
+        if entry is not None:
+            if nbytes <= entry[2]:
+                return  # a view, an in-place op, or an input passed through
+            # resized in place (an out= op): a new allocation replaces the old one
+            del self.live[key]
+            self._free(entry[0], entry[1])
+        serial = self._alloc(nbytes, op)
+        self.live[key] = (serial, self.log[-1][1], nbytes)
+        weakref.finalize(st, self._on_storage_death, key, serial)
+
+    def set_phase(self, tag: str) -> None:
+        """Name the phase (``"forward:1"``); its peak starts at what is live now."""
+        self.phase = tag
+        self.region = "other"
+        if self.window_open:
+            name = tag.split(":")[0]
+            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.current)
+
+    def tracked(self, tensors: Iterator[torch.Tensor]) -> dict[int, int]:
+        """``{serial: charged bytes}`` of the tracked storages behind ``tensors``."""
+        out = {}
+        for t in tensors:
+            entry = self.live.get(t.untyped_storage()._cdata)
+            if entry is not None:
+                out[entry[0]] = entry[1]
+        return out
+
+    def open_window(self) -> None:
+        """Start measuring: the peak of the step starts at what is live now."""
+        self.window_open = True
+        self.peak = self.current
+        self.peak_index = len(self.log) - 1
+        self.peak_phase, self.peak_op = "forward", "(start of step)"
+        if self.allocator is not None:
+            self.reserved_peak = self.allocator.reserved
+
+    def live_at_peak(self) -> dict[int, int]:
+        live: dict[int, int] = {}
+        for serial, charged in self.log[: self.peak_index + 1]:
+            if charged:
+                live[serial] = charged
+            else:
+                live.pop(serial, None)
+        return live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # The step's only data-dependent scalars: AdamW's step count (.item(): any positive
+            # value gives the same memory) and the model's token-range check (passes).
+            t = args[0]
+            if t.dtype == torch.bool:
+                return False
+            if t.is_floating_point():
+                return 1.0
+            return 0
+        name = func.overloadpacket.__name__
+        if self.cublas_workspace and self.workspace_serial is None and name in _MATMULS:
+            self.workspace_serial = self._alloc(self.cublas_workspace, name)
+        out = func(*args, **(kwargs or {}))
+        region = self.region
+        if name == "_to_copy" and args[0].untyped_storage()._cdata in self.param_keys:
+            self.region = "autocast_weight_copies"  # autocast's 16-bit copy of a weight
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t, name)
+        self.region = region
+        return out
+
+
+# --------------------------------------------------------------------------- the step
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def cross_entropy_like_cuda(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """``F.cross_entropy`` as CUDA autocast runs it on 16-bit logits.
+
+    ``cross_entropy`` calls ``log_softmax(x, dtype=x.dtype)``, which autocast leaves in 16 bits,
+    then ``nll_loss``, which is on CUDA autocast's fp32 list: its input is cast to fp32 and that
+    copy is saved for backward. CPU autocast casts the logits to fp32 before ``log_softmax``.
+    """
+    logits = logits.view(-1, logits.size(-1))
+    with torch.autocast("cpu", enabled=False):
+        log_probs = torch.log_softmax(logits, dim=1)  # 16 bits, saved by log_softmax's backward
+        # fp32 copy, saved by nll_loss
+        return F.nll_loss(log_probs.float(), targets.reshape(-1), reduction=reduction)
+
+
+class Adam8bitLayout(torch.optim.Optimizer):
+    """The state of bitsandbytes' ``AdamW8bit``, allocated as that library lays it out, updated
+    in place (its CUDA kernel needs no temporaries). For measuring only: it does not train.
+
+    After ``bitsandbytes/optim/optimizer.py`` (``Optimizer2State.init_state``, 0.50): a
+    parameter of at least ``min_8bit_size`` (4096) elements gets two uint8 states of its shape
+    and two fp32 ``absmax`` vectors, one value per block of 256; smaller ones two fp32 states;
+    the two 256-entry quantisation maps are shared by all parameters; the step count is a Python
+    int. ``tests/test_optim.py`` checks these bytes against the real optimizer.
+    """
+
+    MIN_8BIT_SIZE = 4096
+    BLOCKSIZE = 256
+
+    def __init__(self, params: Any, lr: float = 3e-4) -> None:
+        super().__init__(params, {"lr": lr})
+        self.qmaps: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    if p.numel() < self.MIN_8BIT_SIZE:
+                        state["state1"] = torch.zeros_like(p, dtype=torch.float32)
+                        state["state2"] = torch.zeros_like(p, dtype=torch.float32)
+                    else:
+                        if not self.qmaps:
+                            self.qmaps = [torch.zeros(256, device=p.device) for _ in range(2)]
+                        blocks = math.ceil(p.numel() / self.BLOCKSIZE)
+                        state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
+                        state["state2"] = torch.zeros_like(p, dtype=torch.uint8)
+                        state["qmap1"], state["qmap2"] = self.qmaps
+                        state["absmax1"] = torch.zeros(blocks, device=p.device)
+                        state["absmax2"] = torch.zeros(blocks, device=p.device)
+                p.add_(p.grad, alpha=-group["lr"])  # in place, as the fused kernel writes p
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adamw8bit":
+        return Adam8bitLayout(model.parameters(), lr=3e-4)
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
+    return torch.optim.AdamW(model.parameters(), lr=3e-4, **impl[recipe.adamw_impl])
+
+
+def run_steps(
+    model: GPTModel,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    *,
+    precision: str,
+    device_type: str,
+    cuda_loss: bool,
+    keep_logits: bool,
+    max_grad_norm: float | None,
+    foreach_clip: bool,
+    on_phase: Callable[[int, str], None],
+    steps: int = 2,
+) -> None:
+    """The seed's loop body, ``steps`` times; ``on_phase(step, phase)`` marks each phase's start
+    (and ``(steps, "end")`` the end). ``cuda_loss``: compute the loss as CUDA autocast does."""
+    X, Y = batch[:, :-1], batch[:, 1:]  # as the seed splits a (B, block_size + 1) batch
+    autocast = torch.autocast(device_type, dtype=_DTYPES[precision], enabled=precision != "no")
+    chunk = model.config.loss_chunk_size
+    logits = loss = None  # the seed's loop keeps both until the next forward returns
+    for step in range(steps):
+        on_phase(step, "forward")
+        with autocast:
+            if cuda_loss and chunk:
+                # the model's own chunked loss, each chunk's loss computed the CUDA way
+                logits, loss = None, chunked_cross_entropy(
+                    model.hidden(X).flatten(0, 1), model.lm_head.weight, Y.reshape(-1), chunk,
+                    cross_entropy_like_cuda,
+                )
+            elif cuda_loss:
+                logits, _ = model(X)
+                loss = cross_entropy_like_cuda(logits, Y)
+            else:
+                logits, loss = model(X, Y)
+        if not keep_logits:
+            logits = None  # `loss = model(X, Y)[1]`: the logits die with the forward
+        on_phase(step, "backward")
+        loss.backward()
+        on_phase(step, "optimizer")
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=foreach_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    on_phase(steps, "end")
+    del logits, loss
+
+
+def _mark_regions(model: GPTModel, tracker: StorageTracker) -> None:
+    """Forward pre-hooks that tell the tracker which part of the model is running."""
+
+    def enter(region: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            tracker.region = region
+
+        return hook
+
+    model.register_forward_pre_hook(enter("embeddings"))
+    model.wte.register_forward_pre_hook(enter("embeddings"))  # for model.hidden(X) too
+    if len(model.blocks):
+        model.blocks[0].register_forward_pre_hook(enter("blocks"))
+    model.ln_f.register_forward_pre_hook(enter("head_and_loss"))
+
+
+@lru_cache(maxsize=256)
+def measure_fake(
+    cfg: ModelConfig,
+    micro_batch: int,
+    recipe: Recipe,
+    target: str,
+    max_grad_norm: float | None,
+    cuda_capability: tuple[int, int],
+) -> MemoryReport:
+    """Two steps of ``GPTModel(cfg)`` on fake tensors; the report of the 2nd (memoised)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cuda = target == "cuda"
+    workspace = 0
+    if cuda:
+        workspace = CUBLAS_WORKSPACE_HOPPER if cuda_capability[0] == 9 else CUBLAS_WORKSPACE_BYTES
+    tracker = StorageTracker(CachingAllocatorSim() if cuda else None, workspace, host_constants=cuda)
+    seen: dict[str, Any] = {}
+
+    def on_phase(step: int, phase: str) -> None:
+        if step == 1 and phase == "forward":
+            tracker.open_window()
+        if step == 1 and phase == "backward":  # end of the measured forward
+            detail = dict.fromkeys(ACTIVATION_PARTS, 0)
+            for serial, charged, _ in tracker.live.values():
+                if tracker.origin.get(serial) == "forward:1":
+                    detail[tracker.regions[serial]] += charged
+            seen["activations"] = detail
+        if step == 1 and phase == "optimizer":  # gradients complete, not yet freed
+            seen["grads"] = tracker.tracked(p.grad for p in model.parameters() if p.grad is not None)
+        if step == 2:
+            state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+            seen["state"] = tracker.tracked(iter(state))
+        tracker.set_phase(f"{phase}:{step}")
+
+    with FakeTensorMode():
+        model = GPTModel(cfg)  # untracked: this is the model on the host
+        with tracker:
+            # what accelerate.prepare's model.to("cuda") does: one new storage per parameter
+            for p in model.parameters():
+                p.data = p.data.clone()
+            params = tracker.tracked(model.parameters())
+            tracker.param_keys = {p.untyped_storage()._cdata for p in model.parameters()}
+            _mark_regions(model, tracker)
+            opt = make_optimizer(model, recipe)
+            batch = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.block_size + 1))
+            run_steps(
+                model, opt, batch,
+                precision=recipe.precision, device_type="cpu",
+                cuda_loss=cuda and recipe.precision != "no", keep_logits=recipe.keep_logits,
+                max_grad_norm=max_grad_norm, foreach_clip=cuda, on_phase=on_phase,
+            )
+
+    at_peak = dict.fromkeys(COMPONENTS, 0)
+    for serial, charged in tracker.live_at_peak().items():
+        if serial in params:
+            part = "params"
+        elif serial in seen["state"]:
+            part = "optimizer_state"
+        elif serial in seen["grads"]:
+            part = "grads"
+        elif serial == tracker.workspace_serial:
+            part = "cublas_workspace"
+        elif tracker.origin[serial].startswith(("forward", "setup")):
+            part = "activations"  # both forwards' outputs, and the batch
+        else:
+            part = "temporaries"
+        at_peak[part] += charged
+    if not cuda:
+        del at_peak["cublas_workspace"]
+    assert sum(at_peak.values()) == tracker.peak
+    reserved = tracker.reserved_peak if cuda else tracker.peak
+    overheads = {"allocator_cache": reserved - tracker.peak, "cuda_context": CUDA_CONTEXT_BYTES}
+    return MemoryReport(
+        model_config=cfg,
+        recipe=recipe,
+        micro_batch=micro_batch,
+        seq_len=cfg.block_size,
+        target=target,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        params_bytes=sum(params.values()),
+        grads_bytes=sum(seen["grads"].values()),
+        optimizer_state_bytes=sum(seen["state"].values()),
+        activations_bytes=sum(seen["activations"].values()),
+        activations_detail=MappingProxyType(seen["activations"]),
+        temporaries_bytes=at_peak["temporaries"],
+        peak_bytes=tracker.peak,
+        peak_phase=tracker.peak_phase,
+        peak_op=tracker.peak_op,
+        at_peak=MappingProxyType(at_peak),
+        phase_peaks=MappingProxyType({p: tracker.phase_peaks.get(p, 0) for p in PHASES}),
+        reserved_bytes=reserved,
+        overheads=MappingProxyType(overheads if cuda else {}),
+    )
