@@ -62,6 +62,7 @@ from lowvram.failures import (
     out_of_memory_error,
 )
 from lowvram.model import GPTModel
+from lowvram.optim import OPTIMIZERS, build_optimizer
 from lowvram.precision import force_grad_scaler, precision_advice, resolve_precision
 from lowvram.schedule import (
     batches_per_process,
@@ -171,8 +172,9 @@ def train(
 
         # 4. Model, optimizer and scheduler.
         model = GPTModel(model_config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.max_lr,
-                                      weight_decay=train_config.weight_decay)
+        # lesson: torch.optim.AdamW; train_config.optimizer="adamw8bit" keeps its two moments
+        # in 8 bits (bitsandbytes), 2 bytes of state per parameter instead of 8
+        optimizer = build_optimizer(model.parameters(), train_config)
         # lesson: total_steps = len(train_dataloader) * NUM_EPOCHS // GRADIENT_ACCUMULATION_STEPS
         # on the unprepared loader. Counted here in optimizer steps of one process; the prepared
         # scheduler ticks num_processes times per optimizer step, so its lengths are scaled by
@@ -484,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--per-device-train-batch-size", type=int)
     parser.add_argument("--gradient-accumulation-steps", type=int)
     parser.add_argument("--mixed-precision", choices=list(PRECISIONS))
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS),
+                        help="adamw (the lesson's), or adamw8bit (bitsandbytes: 8-bit moments)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--data-dir")
     parser.add_argument("--checkpoint-every", type=int, help="save_state every N optimizer steps")
@@ -515,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "mixed_precision": args.mixed_precision,
+        "optimizer": args.optimizer,
         "seed": args.seed,
         "data_dir": args.data_dir,
         "checkpoint_interval": args.checkpoint_every,

@@ -404,3 +404,34 @@ def test_cpu_processes_never_oversubscribe_the_cores(monkeypatch, cores, threads
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert _threads_per_process(processes) == expected
+
+
+def test_train_uses_the_configs_optimizer_and_8bit_adamw_learns_like_adamw(tmp_path,
+                                                                          monkeypatch):
+    """optimizer='adamw8bit' reaches the loop as bitsandbytes' class, and its validation loss
+    ends within a few percent of AdamW's on the same data (random rows: little to learn)."""
+    import lowvram.train as T
+
+    built = []
+
+    def recording(params, train_config, real=T.build_optimizer):
+        optimizer = real(params, train_config)
+        built.append(type(optimizer).__name__)
+        return optimizer
+
+    monkeypatch.setattr(T, "build_optimizer", recording)
+    plain = run(tmp_path / "adamw", max_steps=8)
+    low = run(tmp_path / "8bit", max_steps=8, optimizer="adamw8bit")
+    assert built == ["AdamW", "AdamW8bit"]
+    assert low["config"]["train"]["optimizer"] == "adamw8bit" and len(low["steps"]) == 8
+    assert low["final_val_loss"] == pytest.approx(plain["final_val_loss"], rel=0.05)
+    assert low["final_val_loss"] != plain["final_val_loss"]  # another optimizer really ran
+
+
+def test_cli_takes_the_optimizer(monkeypatch):
+    import lowvram.train as T
+
+    got = {}
+    monkeypatch.setattr(T, "train", lambda m, t, **kw: got.setdefault("cfg", t) and {})
+    T.main(["--preset", "tiny", "--optimizer", "adamw8bit", "--no-progress"])
+    assert got["cfg"].optimizer == "adamw8bit"
