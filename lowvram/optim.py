@@ -10,6 +10,10 @@
   fp32 moments. It runs on CUDA, and on CPU through bitsandbytes' CPU backend (tested: 0.50.2), so the
   tests and a CPU run use the very same class. Install it with ``pip install "lowvram[lowbit]"``.
 
+bitsandbytes is imported only when an 8-bit optimizer is built: accelerate's
+``notebook_launcher`` refuses to fork once it is imported in the kernel, so build it inside the
+launched function (``lowvram.train.train`` does).
+
 The learning rate is ``train_config.max_lr`` (the schedule scales it), betas are AdamW's
 defaults, weight decay is ``train_config.weight_decay``.
 """
@@ -17,6 +21,7 @@ defaults, weight decay is ``train_config.weight_decay``.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -34,7 +39,10 @@ def _bitsandbytes():  # type: ignore[no-untyped-def]
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        import bitsandbytes
+        with warnings.catch_warnings():
+            # its modules use torch.jit.script_method, which torch 2.13 deprecates on import
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import bitsandbytes
     except ImportError as err:
         raise ImportError(
             "optimizer='adamw8bit' needs bitsandbytes: pip install \"lowvram[lowbit]\" "
