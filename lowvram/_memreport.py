@@ -93,7 +93,7 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 # The largest micro-batch anything here will measure: far beyond any card (one sequence of the
-# seed's model takes ~150 MiB), small enough that sizes stay exact integers.
+# lesson's model takes ~150 MiB), small enough that sizes stay exact integers.
 MAX_MICRO_BATCH = 65536
 
 
@@ -118,7 +118,7 @@ class Recipe:
     :class:`~lowvram.config.TrainConfig`'s; ``None`` keeps the model config's value.
     ``adamw_impl`` picks torch's AdamW kernel ("foreach" is CUDA's default; ignored for
     "adamw8bit"). ``keep_logits=False`` measures ``loss = model(X, Y)[1]``, which frees the
-    logits right after the forward instead of keeping them through the step as the seed's
+    logits right after the forward instead of keeping them through the step as the lesson's
     ``logits, loss = model(X, Y)`` does. ``tie=``/``checkpointing=`` are accepted as the old
     spellings of the two model options.
     """

@@ -1,4 +1,4 @@
-"""How :mod:`lowvram.memory` measures a step: a storage tracker over fake tensors, the seed's
+"""How :mod:`lowvram.memory` measures a step: a storage tracker over fake tensors, the lesson's
 loop body that it watches, and the stand-in for an 8-bit optimizer's state.
 
 Private: call ``lowvram.memory.measure_step``. The model, optimizer and batch are fake tensors
@@ -277,12 +277,12 @@ def run_steps(
     on_phase: Callable[[int, str], None],
     steps: int = 2,
 ) -> None:
-    """The seed's loop body, ``steps`` times; ``on_phase(step, phase)`` marks each phase's start
+    """The lesson's loop body, ``steps`` times; ``on_phase(step, phase)`` marks each phase's start
     (and ``(steps, "end")`` the end). ``cuda_loss``: compute the loss as CUDA autocast does."""
     X, Y = batch[:, :-1], batch[:, 1:]  # as the seed splits a (B, block_size + 1) batch
     autocast = torch.autocast(device_type, dtype=_DTYPES[precision], enabled=precision != "no")
     chunk = model.config.loss_chunk_size
-    logits = loss = None  # the seed's loop keeps both until the next forward returns
+    logits = loss = None  # the lesson's loop keeps both until the next forward returns
     for step in range(steps):
         on_phase(step, "forward")
         with autocast:

@@ -1,4 +1,4 @@
-"""The seed's 25.2 configuration table as code.
+"""The lesson's 25.2 configuration table as code.
 
 Two frozen dataclasses, validated at construction, and named presets::
 
@@ -57,8 +57,8 @@ def _number(value: object) -> bool:
 class ModelConfig:
     """Shape of the course's Day-17 GPT."""
 
-    vocab_size: int = 32000  # the seed's GPTModel(vocab_size=32000, ...)
-    block_size: int = 256  # the seed's BLOCK_SIZE: tokens of context
+    vocab_size: int = 32000  # the lesson's GPTModel(vocab_size=32000, ...)
+    block_size: int = 256  # the lesson's BLOCK_SIZE: tokens of context
     n_layer: int = 12  # GPT-2 small depth, as in the seed
     n_head: int = 12
     n_embd: int = 768  # 768 / 12 heads = 64 dims per head
@@ -94,28 +94,28 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training loop's settings (the seed's constants plus what a real run needs).
+    """The training loop's settings (the lesson's constants plus what a real run needs).
 
     Steps (``max_steps``, ``eval_interval``, ``checkpoint_interval``, ``log_interval``) are
     optimizer steps, i.e. one step per ``gradient_accumulation_steps`` micro-batches.
     """
 
-    mixed_precision: str = "fp16"  # the seed's choice for a 4 GB card
+    mixed_precision: str = "fp16"  # the lesson's choice for a 4 GB card
     gradient_accumulation_steps: int = 4  # 4 micro-batches per optimizer step
-    per_device_train_batch_size: int = 4  # the seed's BATCH_SIZE: what fits next to the weights
+    per_device_train_batch_size: int = 4  # the lesson's BATCH_SIZE: what fits next to the weights
     per_device_eval_batch_size: int = 4
-    max_lr: float = 3e-4  # the seed's MAX_LR, a common AdamW peak for GPT-2-sized models
-    num_epochs: int = 10  # the seed's NUM_EPOCHS
+    max_lr: float = 3e-4  # the lesson's MAX_LR, a common AdamW peak for GPT-2-sized models
+    num_epochs: int = 10  # the lesson's NUM_EPOCHS
     max_steps: int | None = None  # optimizer steps; when set it overrides num_epochs
-    warmup_ratio: float = 0.1  # the seed's total_steps // 10
-    max_grad_norm: float = 1.0  # the seed's clip_grad_norm_(..., 1.0)
+    warmup_ratio: float = 0.1  # the lesson's total_steps // 10
+    max_grad_norm: float = 1.0  # the lesson's clip_grad_norm_(..., 1.0)
     weight_decay: float = 0.01  # torch.optim.AdamW's default, which the seed uses
-    optimizer: str = "adamw"  # the seed's torch.optim.AdamW; "adamw8bit": 2 bytes of state per parameter, not 8
+    optimizer: str = "adamw"  # the lesson's torch.optim.AdamW; "adamw8bit": 2 bytes of state per parameter, not 8
     eval_interval: int = 0  # evaluate every N optimizer steps (0: only at epoch ends and the end)
     eval_max_batches: int | None = None  # cap validation batches (None: the whole val set)
     checkpoint_interval: int = 0  # save_state every N optimizer steps (0: only at epoch ends)
     keep_checkpoints: int = 3  # keep the newest N checkpoints
-    log_interval: int = 25  # print every N optimizer steps (the seed: 100 micro-steps = 25 steps)
+    log_interval: int = 25  # print every N optimizer steps (the lesson: 100 micro-steps = 25 steps)
     drop_last: bool = True  # a short last window is still divided by the full accumulation: a smaller gradient
     seed: int = 1337
     output_dir: str = "runs/rtx2050"
@@ -195,7 +195,7 @@ class TrainConfig:
 
 
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
-    # Exactly the seed's values: GPT-2-small shape, 4 x 4 micro-batching, fp16.
+    # Exactly the lesson's values: GPT-2-small shape, 4 x 4 micro-batching, fp16.
     "rtx2050": (
         ModelConfig(vocab_size=32000, block_size=256, n_layer=12, n_head=12, n_embd=768),
         TrainConfig(output_dir="runs/rtx2050"),
@@ -243,7 +243,7 @@ def get_preset(name: str) -> tuple[ModelConfig, TrainConfig]:
         ) from None
 
 
-# The reason column of the seed's table, one per parameter (Azerbaijani, as in the course).
+# The reason column of the lesson's table, one per parameter (Azerbaijani, as in the course).
 _REASONS = {
     "mixed_precision": "16-bit dəqiqlik aktivasiyaları kiçildir; çəkilər, qradiyentlər və Adam "
     "vəziyyəti fp32 qalır (25.2-dəki ölçmələrə baxın).",
@@ -262,7 +262,7 @@ _REASONS = {
 def config_table(
     model: ModelConfig, train: TrainConfig, num_processes: int = 1
 ) -> MarkdownTable:
-    """Render the configuration as the seed's Markdown table (Parametr | Dəyər | Məntiqi Əsas)."""
+    """Render the configuration as the lesson's Markdown table (Parametr | Dəyər | Məntiqi Əsas)."""
     per_device = train.per_device_train_batch_size
     accum = train.gradient_accumulation_steps
     effective = train.effective_batch_for(num_processes)

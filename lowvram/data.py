@@ -11,7 +11,7 @@ then, in a notebook or the training loop::
     model_cfg, train_cfg = get_preset("cpu-demo")
     train_data, val_data = load_datasets(model_cfg)        # LongTensor [N, block_size + 1]
     X, Y = get_batch(train_data, batch_size=4)             # Day 22: Y is X shifted by one
-    train_dl, val_dl = build_dataloaders(train_data, val_data, batch_size=4)   # the seed's loaders
+    train_dl, val_dl = build_dataloaders(train_data, val_data, batch_size=4)   # the lesson's loaders
 
 What ``prepare_data`` does for the default corpus (every step cached, every file written
 atomically, so an interrupted run never leaves a half file that later looks valid):
@@ -596,9 +596,9 @@ def build_dataloaders(
     drop_last: bool = True,
     seed: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
-    """The seed's loaders over ``TensorDataset``: train shuffled (seeded), val in order.
+    """The lesson's loaders over ``TensorDataset``: train shuffled (seeded), val in order.
 
-    Each batch is a 1-tuple ``(rows,)`` as in the seed: ``X, Y = batch[0][:, :-1], batch[0][:, 1:]``.
+    Each batch is a 1-tuple ``(rows,)`` as in the lesson: ``X, Y = batch[0][:, :-1], batch[0][:, 1:]``.
     Train drops a short last batch by default; val never drops.
     """
     check_positive_int("batch_size", batch_size)

@@ -25,7 +25,7 @@ How it measures. The model, optimizer and batch are fake tensors on the ``cpu`` 
 (``FakeTensorMode``: shapes and dtypes, no data, no arithmetic), and a ``TorchDispatchMode`` sees
 every ATen op of the step: it records each new untyped storage and, through a weakref finalizer,
 the moment it dies (``lowvram/_memtrack.py``). Two whole steps run (forward, backward, gradient
-clipping, optimizer step, ``zero_grad(set_to_none=True)``), in the order of the seed's loop, and
+clipping, optimizer step, ``zero_grad(set_to_none=True)``), in the order of the lesson's loop, and
 the 2nd one is reported (AdamW creates its state lazily in the 1st). On the CPU allocator this
 reproduces the real peak to a few bytes (``tests/test_memory.py`` checks it against
 ``torch.profiler``).
@@ -185,8 +185,8 @@ def measure_step(
 
 
 DEFAULT_RECIPES = (
-    Recipe("fp32 (seed baseline)", tie_embeddings=False, gradient_checkpointing=False),
-    Recipe("fp16 (the seed's choice)", "fp16", tie_embeddings=False, gradient_checkpointing=False),
+    Recipe("fp32 (lesson baseline)", tie_embeddings=False, gradient_checkpointing=False),
+    Recipe("fp16 (the lesson's choice)", "fp16", tie_embeddings=False, gradient_checkpointing=False),
     Recipe("fp16 + fused AdamW", "fp16", adamw_impl="fused", tie_embeddings=False,
            gradient_checkpointing=False),
     Recipe("fp16 + fused + chunked loss", "fp16", adamw_impl="fused", tie_embeddings=False,
@@ -310,7 +310,7 @@ class AblationRow:
 def _ablation_recipes() -> list[Recipe]:
     base = {"tie_embeddings": False, "gradient_checkpointing": False, "loss_chunk_size": 0}
     steps = [
-        ("seed baseline: fp32, untied, foreach AdamW", {}),
+        ("lesson baseline: fp32, untied, foreach AdamW", {}),
         ("fp16 autocast", {"precision": "fp16"}),
         ("+ fused AdamW", {"adamw_impl": "fused"}),
         ("+ chunked loss (no full logits)", {"loss_chunk_size": 256}),
@@ -326,7 +326,7 @@ def _ablation_recipes() -> list[Recipe]:
 
 
 def ablation(model_config: ModelConfig, micro_batch: int = 4, card_gib: float = 4.0) -> list[AblationRow]:
-    """From the seed's baseline to the leanest recipe, one option at a time, at ``micro_batch``."""
+    """From the lesson's baseline to the leanest recipe, one option at a time, at ``micro_batch``."""
     check_card(card_gib)
     rows: list[AblationRow] = []
     for recipe in _ablation_recipes():
@@ -344,7 +344,7 @@ def ablation(model_config: ModelConfig, micro_batch: int = 4, card_gib: float = 
 def _real_setup(
     model_config: ModelConfig, micro_batch: int, recipe: Recipe, device: torch.device
 ) -> tuple[GPTModel, torch.optim.Optimizer, torch.Tensor]:
-    """The real model, optimizer and batch of a recipe (the seed's set-up, seeded)."""
+    """The real model, optimizer and batch of a recipe (the lesson's set-up, seeded)."""
     from lowvram.config import TrainConfig
     from lowvram.optim import build_optimizer
 

@@ -3,7 +3,7 @@
     from lowvram.optim import build_optimizer
     optimizer = build_optimizer(model.parameters(), train_config)
 
-- ``"adamw"``: ``torch.optim.AdamW``, the seed's optimizer: two fp32 moments per parameter
+- ``"adamw"``: ``torch.optim.AdamW``, the lesson's optimizer: two fp32 moments per parameter
   (8 bytes/parameter of state).
 - ``"adamw8bit"``: bitsandbytes' ``AdamW8bit``: the two moments are stored in 8 bits with one
   fp32 scale per block of 256 values (about 2 bytes/parameter); tensors under 4096 elements keep

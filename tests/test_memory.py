@@ -286,7 +286,7 @@ def test_8bit_adamw_keeps_about_2_bytes_of_state_per_parameter() -> None:
 
 def test_ablation_rows_and_tables() -> None:
     rows = ablation(CFG, micro_batch=4)
-    assert rows[0].name.startswith("seed baseline") and rows[0].peak_change == 0
+    assert rows[0].name.startswith("lesson baseline") and rows[0].peak_change == 0
     assert rows[0].report.precision == "no" and rows[0].report.adamw_impl == "foreach"
     assert not rows[0].report.tie_embeddings and not rows[0].report.gradient_checkpointing
     for prev, row in zip(rows, rows[1:], strict=False):
