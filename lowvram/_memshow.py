@@ -140,16 +140,23 @@ _COLORS = {
 _PART_LABELS = {
     "en": {
         "params": "weights (fp32)", "grads": "gradients", "optimizer_state": "Adam state",
-        "activations": "activations", "temporaries": "temporaries",
+        "activations": "activations (at the peak)", "temporaries": "temporaries (at the peak)",
         "cublas_workspace": "cuBLAS workspace", "allocator_cache": "allocator cache",
         "cuda_context": "CUDA context",
     },
     "az": {
         "params": "çəkilər (fp32)", "grads": "qradiyentlər", "optimizer_state": "Adam vəziyyəti",
-        "activations": "aktivasiyalar", "temporaries": "müvəqqəti tensorlar",
+        "activations": "aktivasiyalar (pik anında)",
+        "temporaries": "müvəqqəti tensorlar (pik anında)",
         "cublas_workspace": "cuBLAS iş sahəsi", "allocator_cache": "allocator keşi",
         "cuda_context": "CUDA konteksti",
     },
+}
+
+
+_TITLES = {
+    "en": "What is live at the peak, plus overheads (CUDA: a simulated prediction)",
+    "az": "Pik anında canlı olanlar və əlavə xərclər (CUDA üçün proqnoz, simulyasiya)",
 }
 
 
@@ -187,6 +194,7 @@ def plot_budget(
     ax.axhline(card_mib, color="black", linestyle="--", linewidth=1)
     ax.text(-0.4, card_mib, f"{card_gib:g} GiB", va="bottom", ha="left")
     ax.set_ylabel("MiB")
+    ax.set_title(_TITLES[lang])
     ax.set_ylim(0, max(*bottoms, card_mib) * 1.1)
     handles, names = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

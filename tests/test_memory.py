@@ -315,7 +315,9 @@ def test_plot_budget_stacks_every_part_under_the_card_line() -> None:
     reports = [measure_step(CFG, 4, "no"), measure_step(CFG, 4, "fp16")]
     fig = memory.plot_budget(reports, ["fp32", "fp16"], card_gib=0.5, lang="az")
     (ax,) = fig.axes
-    assert "Adam vəziyyəti" in [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "Adam vəziyyəti" in legend and "aktivasiyalar (pik anında)" in legend
+    assert ax.get_title().startswith("Pik anında canlı olanlar")
     tops = [0.0, 0.0]
     for container in ax.containers:
         for i, bar in enumerate(container):
