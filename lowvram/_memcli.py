@@ -108,6 +108,11 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def _verify(model_cfg, micro: int, recipe: memory.Recipe, as_json: bool) -> int:  # type: ignore[no-untyped-def]
+    from lowvram.environment import cpu_build_on_gpu_machine
+
+    problem = cpu_build_on_gpu_machine()  # the usual reason on a GPU laptop: a CPU build
+    if problem:
+        print(problem, file=sys.stderr)
     if not torch.cuda.is_available():
         print(
             f"error: --verify-gpu needs a CUDA GPU, but torch.cuda.is_available() is False "

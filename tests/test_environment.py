@@ -196,3 +196,14 @@ def test_notebook_launcher_cell_skips_itself_where_there_is_no_fork(
         assert problem.startswith("skipped:") and "fork()" in problem
         assert "accelerate launch --multi_gpu --num_processes 2" in problem and "WSL2" in problem
     assert notebook_launcher_problem(1) is None  # one process runs in the kernel: no fork
+
+
+def test_verify_gpu_says_loudly_that_torch_is_a_cpu_build(monkeypatch, capsys):
+    from lowvram import memory
+    from lowvram.environment import CUDA_TORCH_FIX
+
+    _fake_machine(monkeypatch, cuda_build=None, nvidia_smi=True, proc_driver=False)
+    assert memory.main(["--preset", "tiny", "--verify-gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("WARNING: this machine has an NVIDIA GPU") and CUDA_TORCH_FIX in err
+    assert "error: --verify-gpu needs a CUDA GPU" in err
