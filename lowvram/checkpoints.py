@@ -89,6 +89,7 @@ def run_identity(model_config, train_config, num_processes: int, batches_per_epo
         "num_processes": num_processes,
         "batches_per_epoch": batches_per_epoch,
         "seed": train_config.seed,
+        "optimizer": train_config.optimizer,
         "train_data_sha256": train_data_sha256,
     }
 
@@ -102,6 +103,7 @@ def _identity_of(manifest: dict[str, Any]) -> dict[str, Any]:
         "num_processes": manifest.get("num_processes"),
         "batches_per_epoch": manifest.get("batches_per_epoch"),
         "seed": train.get("seed"),
+        "optimizer": train.get("optimizer", "adamw"),  # written before the option existed
         "train_data_sha256": manifest.get("train_data_sha256"),
     }
 
@@ -130,6 +132,10 @@ def _mismatch(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> str | N
         return (f"was written with seed={saved['seed']}, this run has seed={now['seed']}: the "
                 "seed fixes the data order, so the rest of the epoch would repeat and skip rows. "
                 f"Resume with --seed {saved['seed']}, or start a new run")
+    if saved["optimizer"] != now["optimizer"]:
+        return (f"was written with optimizer={saved['optimizer']!r}, this run has "
+                f"optimizer={now['optimizer']!r}: the saved optimizer state is the other "
+                f"optimizer's. Resume with --optimizer {saved['optimizer']}, or start a new run")
     if saved["train_data_sha256"] != now["train_data_sha256"]:
         return ("was written for other train data (the sha256 of its rows differs, same "
                 "number of batches): resume with the train data it was trained on, or start "

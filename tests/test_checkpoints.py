@@ -305,3 +305,22 @@ def test_cpu_out_of_memory_gets_the_planners_advice(tmp_path):
     assert "close other programs that use much RAM" in message
     assert not (tmp_path / "oom" / LOCK_FILE).exists()
     run(tmp_path / "again", max_steps=1)  # the next run can start an Accelerator again
+
+
+def test_another_optimizer_is_another_run(tmp_path):
+    """AdamW's state cannot continue as AdamW8bit's (it was a KeyError: 'exp_avg')."""
+    from lowvram import checkpoints as ck
+
+    def identity(optimizer):
+        return ck.run_identity(MODEL, TRAIN.replace(optimizer=optimizer), 1, 8, "abc")
+
+    manifest_8bit = {"model": identity("adamw8bit")["model"], "num_processes": 1,
+                     "batches_per_epoch": 8, "train_data_sha256": "abc",
+                     "train": {**TRAIN.replace(optimizer="adamw8bit").__dict__}}
+    why = ck._mismatch(tmp_path, ck._identity_of(manifest_8bit), identity("adamw"))
+    assert why.startswith("was written with optimizer='adamw8bit', this run has optimizer='adamw'")
+    assert "--optimizer adamw8bit" in why
+    assert ck._mismatch(tmp_path, ck._identity_of(manifest_8bit), identity("adamw8bit")) is None
+    older = {**manifest_8bit, "train": {k: v for k, v in manifest_8bit["train"].items()
+                                        if k != "optimizer"}}
+    assert ck._mismatch(tmp_path, ck._identity_of(older), identity("adamw")) is None
