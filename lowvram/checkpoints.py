@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from lowvram.data import sha256_file  # one file hash for the data cache and checkpoints
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -144,15 +145,6 @@ def _mismatch(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> str | N
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 4 MiB blocks (about 1-2 GB/s on one core)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(directory: Path) -> None:

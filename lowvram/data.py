@@ -110,11 +110,12 @@ class DataFiles:
 # ----------------------------------------------------------------------------- small helpers
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks (about 1-2 GB/s on one core)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 
@@ -218,7 +219,7 @@ def _download_archive(dest: Path, progress: bool) -> None:
 
 def _verify_archive(archive: Path) -> None:
     """Refuse (and delete) an archive whose sha256 is not the one we know."""
-    actual = _sha256(archive)
+    actual = sha256_file(archive)
     if actual != CORPUS_SHA256:
         archive.unlink()
         raise ValueError(
@@ -405,8 +406,8 @@ def prepare_data(
         "vocab_size": model_config.vocab_size,
         "block_size": model_config.block_size,
         "val_fraction": VAL_FRACTION,
-        "corpus_sha256": _sha256(corpus),
-        "tokenizer_sha256": _sha256(tok_path),
+        "corpus_sha256": sha256_file(corpus),
+        "tokenizer_sha256": sha256_file(tok_path),
     }
     cached = _read_meta(out_dir)
     if (

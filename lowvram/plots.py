@@ -107,7 +107,7 @@ def plot_losses(
     return fig
 
 
-def _lr_axes(title: str):  # noqa: ANN202 (matplotlib types are imported lazily)
+def _lr_axes(title: str):  # (Figure, Axes); matplotlib is imported lazily
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3))
