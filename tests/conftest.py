@@ -1,4 +1,4 @@
-"""Helpers shared by the training tests: random rows, a tiny run, weights on disk."""
+"""Helpers shared by the tests: random rows, a tiny run, weights on disk; the no-download guard."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import functools
 from pathlib import Path
 from unittest import mock
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+import lowvram.corpus
 import lowvram.train
 from lowvram.config import ModelConfig, TrainConfig, get_preset
 from lowvram.data import random_rows
@@ -77,3 +79,14 @@ def write_data(data_dir: Path, n_train: int) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rows(n_train), data_dir / "train_data.pt")
     torch.save(rows(8, seed=1), data_dir / "val_data.pt")
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Fail loudly if anything tries to download the corpus (tests/test_data.py, test_corpus.py)."""
+
+    def refuse(dest, progress):
+        raise AssertionError("the test tried to download the corpus")
+
+    # patched where ensure_corpus looks it up: lowvram.data only re-exports the corpus's names
+    monkeypatch.setattr(lowvram.corpus, "_download_archive", refuse)

