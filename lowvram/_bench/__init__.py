@@ -96,7 +96,7 @@ __all__ = [
 
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # lowvram/_bench/__init__.py -> the repository
 
 # The mid-size model of the efficiency goal: nanoGPT's "baby GPT" shape (6 x 6 x 384, block 256).
 MID_MODEL = ModelConfig(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384)
@@ -932,7 +932,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_readme(readme_section(results, command), args.readme)
         log(f"wrote the Performance section of {args.readme}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
