@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from lowvram import _bench as bench
 from lowvram.config import get_preset
@@ -76,9 +77,10 @@ def test_breakdown_shares_add_up(cli_run: tuple[dict, Path]) -> None:
 
 def test_thread_counts_default_then_one(monkeypatch: pytest.MonkeyPatch) -> None:
     plan = bench.default_plan()
-    monkeypatch.setattr(bench.torch, "get_num_threads", lambda: 2)
+    # thread_counts looks up torch.get_num_threads on the torch module at call time
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert bench.thread_counts(plan) == [2, 1]
-    monkeypatch.setattr(bench.torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert bench.thread_counts(plan) == [1]
     assert bench.thread_counts(dataclasses.replace(plan, threads=(3,))) == [3]
     with pytest.raises(ValueError, match="integer >= 1"):
