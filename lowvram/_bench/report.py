@@ -156,7 +156,7 @@ def readme_section(results: dict[str, Any], command: str) -> str:
         "",
         format_table(results),
         "",
-        "How these are measured (`lowvram/_bench.py` has the details):",
+        "How these are measured (`lowvram/_bench/` has the details):",
         "",
         "- **Loop overhead.** `lowvram.train.train` against a hand-written nanoGPT-style loop "
         "(forward, `(loss / accum).backward()`, clip once the gradients are complete, AdamW step, "
