@@ -1,0 +1,105 @@
+"""Developer tooling, not part of the lesson: benchmarks of lowvram, measured side by side in one
+run; ``make bench`` writes them to the README.
+
+From a shell (``make bench`` runs the second line)::
+
+    python -m lowvram._bench                  # a table on stdout (progress on stderr)
+    python -m lowvram._bench --write-readme   # ... and the README's Performance section
+    python -m lowvram._bench --json           # JSON on stdout, the table on stderr
+    python -m lowvram._bench --quick          # without the notebooks (the slowest part)
+    python -m lowvram._bench --threads 2      # loops at 2 threads only (default: the cores, then 1)
+
+From Python (``tiny_plan()`` runs in seconds; what the tests use)::
+
+    from lowvram._bench import default_plan, run_all, format_table
+    results = run_all(default_plan(), notebooks=False)
+    print(format_table(results))
+
+This package only re-exports; the code is in its modules: ``suite`` (the plans, ``run_all``),
+``loops`` (items 1 and 2 below, and bf16 against fp32), ``probes`` (items 3-5), ``report`` (the
+table and the README's section), ``cli`` (``main``, which ``python -m lowvram._bench`` runs) and
+``paths`` (where the repository is).
+
+What is measured. Absolute times on a shared machine are noise, so each figure that has a goal
+is a ratio of two things measured next to each other:
+
+1. **Loop overhead.** ``lowvram.train.train`` against a hand-written nanoGPT-style PyTorch loop
+   (forward, ``(loss / accum).backward()``, clip when the gradients are complete, AdamW step,
+   ``zero_grad``) on the same model, data, precision, threads and accumulation. The two alternate
+   step by step in one process: at each optimizer step, lowvram's ``on_optimizer_step`` callback runs one step of
+   the plain loop and one reference matmul (ABAB...). A step is the time between two consecutive
+   moments when the gradients are complete, so it covers everything a step does: the
+   micro-batches, clipping, the optimizer, and in lowvram's loop also accelerate's wrappers, the
+   loss/token reduction, the ``.item()`` calls and the history record. Goal: lowvram / plain <= 1.05.
+   Both loops run at torch's default thread count and again at 1 thread (``BenchPlan.threads``).
+2. **CPU efficiency.** Training FLOP/s from the same step times, divided by this machine's fp32
+   matmul FLOP/s (``torch.mm`` of two 2048 x 2048 matrices) timed next to each step.
+   Training FLOPs per token = 6 N + 12 n_layer n_embd T (nanoGPT's / PaLM's estimate; N counts
+   the parameters used in matmuls: all but the token and position embeddings, which are lookups;
+   a tied head counts once; the attention term counts the full T x T, as nanoGPT does).
+   A profiled step says how much of the time the matmuls take. Goal: >= 0.70 on the mid-size model.
+3. **Memory planner.** ``lowvram.memory.measure_step`` on the rtx2050 config (fp32, CUDA target):
+   its run time, and its CPU-target peak against the real CPU allocator (``real_cpu_peaks``) on
+   a model small enough to train for real. Goals: <= 5 s (a plan is
+   interactive), within 1 % of the real allocator.
+4. **Notebooks.** ``pytest --nbval`` of each numbered notebook, one subprocess each.
+5. **Import cost.** ``import lowvram`` and ``import lowvram.train`` on top of torch + accelerate in
+   a fresh interpreter, and whether transformers was imported (it should be only when the LR
+   schedule is built).
+"""
+
+from __future__ import annotations
+
+from lowvram._bench.cli import main
+from lowvram._bench.loops import (
+    bf16_vs_fp32,
+    loop_comparison,
+    matmul_flops,
+    step_breakdown,
+    training_flops_per_token,
+)
+from lowvram._bench.probes import import_cost, notebook_times, planner_bench
+from lowvram._bench.report import (
+    README_END,
+    README_START,
+    check_readme,
+    format_table,
+    readme_section,
+    write_readme,
+)
+from lowvram._bench.suite import (
+    MID_MODEL,
+    BenchPlan,
+    LoopSpec,
+    default_plan,
+    machine_info,
+    run_all,
+    thread_counts,
+    tiny_plan,
+)
+
+__all__ = [
+    "MID_MODEL",
+    "README_END",
+    "README_START",
+    "BenchPlan",
+    "bf16_vs_fp32",
+    "check_readme",
+    "LoopSpec",
+    "default_plan",
+    "format_table",
+    "import_cost",
+    "loop_comparison",
+    "machine_info",
+    "main",
+    "matmul_flops",
+    "notebook_times",
+    "planner_bench",
+    "readme_section",
+    "run_all",
+    "step_breakdown",
+    "thread_counts",
+    "tiny_plan",
+    "training_flops_per_token",
+    "write_readme",
+]

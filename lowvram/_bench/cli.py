@@ -1,0 +1,75 @@
+"""The command line of ``lowvram._bench`` (``python -m lowvram._bench --help``; ``make bench``
+runs ``--write-readme``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from lowvram._bench.paths import REPO
+from lowvram._bench.report import check_readme, format_table, readme_section, write_readme
+from lowvram._bench.suite import default_plan, run_all, tiny_plan
+
+__all__ = ["main"]
+
+# recorded in the README's command: the thread counts torch starts with, and the Makefile's NB_ENV
+_RECORDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lowvram._bench [--json] [--write-readme] [--quick] [--tiny] [--threads N]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lowvram._bench",
+        description="Benchmarks of lowvram, measured side by side in one run.",
+    )
+    parser.add_argument("--json", action="store_true",
+                        help="JSON on stdout (the table goes to stderr)")
+    parser.add_argument("--write-readme", action="store_true",
+                        help="rewrite the README's Performance section (between its bench markers)")
+    parser.add_argument("--readme", default=str(REPO / "README.md"), help="default: %(default)s")
+    parser.add_argument("--quick", action="store_true", help="skip the notebooks (the slowest part)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny configs, seconds in all (a smoke test: the numbers mean nothing)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads of the loop measurements (default: torch's default "
+                        "count, then 1)")
+    args = parser.parse_args(argv)
+    if args.write_readme:  # checked before minutes of measuring, not after
+        if args.quick or args.tiny:
+            parser.error("--write-readme with --quick/--tiny is not allowed: the README states "
+                         "the full benchmark's figures (--tiny's mean nothing, --quick has no "
+                         "notebooks); drop those flags, or leave out --write-readme")
+        try:
+            check_readme(args.readme)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+    plan = tiny_plan() if args.tiny else default_plan()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads={args.threads} is not allowed: use an integer >= 1")
+        plan = dataclasses.replace(plan, threads=(args.threads,))
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results = run_all(plan, notebooks=not args.quick, log=log)
+    table = format_table(results)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(results, indent=1))
+    else:
+        print(table)
+    if args.write_readme:
+        flags = [f"--{name.replace('_', '-')}" for name in ("json", "write_readme", "quick", "tiny")
+                 if getattr(args, name)]
+        if args.threads is not None:
+            flags.append(f"--threads {args.threads}")
+        env = [f"{k}={os.environ[k]}" for k in _RECORDED_ENV if k in os.environ]
+        command = " ".join([*env, "python -m lowvram._bench", *flags])
+        write_readme(readme_section(results, command), args.readme)
+        log(f"wrote the Performance section of {args.readme}")
+    return 0

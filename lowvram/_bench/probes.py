@@ -1,0 +1,138 @@
+"""The measurements of ``lowvram._bench`` outside the training loop: the memory planner's run
+time and error, import cost in fresh interpreters, and strict nbval of each notebook.
+
+The method is in the package's docstring, items 3-5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lowvram._bench.paths import REPO
+from lowvram.config import ModelConfig
+
+__all__ = ["import_cost", "notebook_times", "planner_bench"]
+
+
+# --------------------------------------------------------------------------- planner
+
+
+def planner_bench(
+    planner_model: ModelConfig,
+    micro_batch: int,
+    real_model: ModelConfig,
+    real_micro_batch: int,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Run time of ``measure_step(planner_model, fp32, target="cuda")`` (cache cleared each
+    time) and the CPU-target peak's relative error against the real CPU allocator."""
+    from lowvram import memory
+
+    times = []
+    for _ in range(repeats):
+        memory._measure_cached.cache_clear()  # measure_step memoises its reports
+        t0 = time.perf_counter()
+        report = memory.measure_step(planner_model, micro_batch, "no", target="cuda")
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    real = memory.real_cpu_peaks(real_model, real_micro_batch, "no")
+    real_s = time.perf_counter() - t0
+    estimate = memory.measure_step(real_model, real_micro_batch, "no", target="cpu")
+    real_peak = max(real.values())
+    return {
+        "planner_model": dataclasses.asdict(planner_model),
+        "planner_micro_batch": micro_batch,
+        "planner_parameters": report.num_parameters,
+        "planner_peak_bytes": report.peak_bytes,
+        "planner_times_s": times,
+        "planner_first_s": times[0],
+        "planner_median_s": statistics.median(times),
+        "real_model": dataclasses.asdict(real_model),
+        "real_micro_batch": real_micro_batch,
+        "real_peak_bytes": real_peak,
+        "estimated_peak_bytes": estimate.peak_bytes,
+        "relative_error": (estimate.peak_bytes - real_peak) / real_peak,
+        "real_run_s": real_s,
+    }
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+_IMPORT_PROBE = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, accelerate
+t1 = time.perf_counter()
+import lowvram
+t2 = time.perf_counter()
+import lowvram.train
+t3 = time.perf_counter()
+after_train = "transformers" in sys.modules
+lowvram.train.lr_schedule(1, 2, 1e-3)
+t4 = time.perf_counter()
+print(json.dumps({"torch_accelerate_s": t1 - t0, "lowvram_s": t2 - t1, "lowvram_train_s": t3 - t2,
+                  "schedule_s": t4 - t3, "transformers_after_import": after_train,
+                  "transformers_after_schedule": "transformers" in sys.modules}))
+"""
+
+
+def import_cost(repeats: int = 3) -> dict[str, Any]:
+    """Import times in ``repeats`` fresh interpreters (medians), and when transformers comes in.
+
+    ``lowvram_s``: ``import lowvram`` after torch + accelerate; ``lowvram_train_s``: then
+    ``import lowvram.train``; ``schedule_s``: then building the LR schedule (imports transformers).
+    """
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True,
+            cwd=REPO,
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    result: dict[str, Any] = {"repeats": repeats}
+    for key in ("torch_accelerate_s", "lowvram_s", "lowvram_train_s", "schedule_s"):
+        result[key] = statistics.median(r[key] for r in runs)
+    result["transformers_after_import"] = any(r["transformers_after_import"] for r in runs)
+    result["transformers_after_schedule"] = all(r["transformers_after_schedule"] for r in runs)
+    return result
+
+
+def notebook_times(
+    notebooks: Sequence[str | Path],
+    sanitize: str | Path = REPO / "notebooks" / "sanitize.cfg",
+    timeout: float = 1800,
+    log: Callable[[str], None] = lambda msg: None,
+) -> list[dict[str, Any]]:
+    """Seconds to validate each notebook with strict nbval, one pytest subprocess each.
+
+    The subprocesses inherit this process's environment: ``make bench`` runs under the
+    Makefile's ``NB_ENV`` (``PYTHONHASHSEED=0``), the one definition ``make test`` uses too.
+    """
+    results = []
+    for nb in notebooks:
+        nb = Path(nb)
+        if not nb.is_file():
+            raise FileNotFoundError(f"notebook {str(nb)!r} does not exist: pass existing .ipynb files")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
+               "--nbval-current-env", "--nbval-sanitize-with", str(sanitize), str(nb)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  cwd=REPO)  # the environment `make bench` got: NB_ENV
+            rc, tail = proc.returncode, proc.stdout.strip().splitlines()[-1:]
+        except subprocess.TimeoutExpired:
+            rc, tail = None, [f"timed out after {timeout:.0f} s"]
+        seconds = time.perf_counter() - t0
+        results.append({"notebook": nb.name, "seconds": seconds, "passed": rc == 0,
+                        "summary": tail[0] if tail else ""})
+        log(f"  {nb.name}: {seconds:.1f} s, {'passed' if rc == 0 else 'FAILED'}")
+    return results
