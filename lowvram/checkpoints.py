@@ -1,4 +1,4 @@
-"""Checkpoints and output directories of a training run: atomic saves, one resume check, a lock.
+"""Checkpoints of a training run: atomic, hashed saves; one resume check; loading.
 
     from lowvram.checkpoints import latest_checkpoint
     latest_checkpoint("runs/cpu-demo")   # runs/cpu-demo/checkpoints/step_000200, or None
@@ -14,57 +14,43 @@ What ``lowvram.train.train`` relies on:
   rows must be this run's; every file must have its recorded size and sha256, and the RNG
   state of every process must be there. ``"latest"`` skips (and names) checkpoints of another
   run; it never calls them corrupt.
-- **An output directory belongs to one run.** A fresh run into a directory that holds another
-  run's checkpoints, model or history is refused unless ``overwrite_output_dir``; a lock file
-  (with the writer's pid; a dead writer's lock is stale and replaced) stops two trainings
-  writing at once; the directory is checked (a directory, writable, room for one checkpoint)
-  before training starts.
+
+The output directory they live in (its lock, its other files, the disk) is
+``lowvram.outputdir``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import re
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lowvram.data import sha256_file  # one file hash for the data cache and checkpoints
+from lowvram.outputdir import CHECKPOINTS_DIR, MODEL_FILE, disk_full, disk_full_error
 
 __all__ = [
-    "CHECKPOINTS_DIR",
-    "HISTORY_FILE",
-    "LOCK_FILE",
     "MANIFEST_FILE",
     "LoopState",
-    "OutputDirInUseError",
-    "OutputDirLock",
-    "check_output_dir",
     "complete_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
     "resolve_checkpoint",
+    "resume",
     "run_identity",
     "save_checkpoint",
     "sha256_file",
-    "write_history",
 ]
 
-HISTORY_FILE = "history.json"
 LOOP_STATE_FILE = "loop_state.json"  # next to accelerate's files in each checkpoint
 MANIFEST_FILE = "manifest.json"  # a checkpoint's last file: step, configs, identity, file hashes
-CHECKPOINTS_DIR = "checkpoints"
-LOCK_FILE = ".lowvram.lock"  # in the output dir while a training writes to it
-MODEL_FILE = "model.safetensors"
 MANIFEST_FORMAT = 2  # 2: files as {name: {"bytes", "sha256"}}, plus the run identity
 _COMPLETE = re.compile(r"step_\d{6,}")  # a complete checkpoint's directory name
 _UNFINISHED = re.compile(r"step_\d{6,}\.(tmp|old)")  # a save in progress, or killed mid-way
-_BYTES_PER_PARAMETER = 12  # one checkpoint: fp32 weights + AdamW's two moments
 
 
 @dataclasses.dataclass
@@ -162,50 +148,6 @@ def _fsync(directory: Path) -> None:
             os.close(fd)
 
 
-def _mount_point(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists() or not os.path.ismount(path):
-        if path.parent == path:
-            break
-        path = path.parent
-    return path
-
-
-def _free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
-
-
-def _disk_full(path: Path, err: BaseException) -> bool:
-    text = str(err)
-    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-        # torch's zip writer turns ENOSPC into "PytorchStreamWriter failed writing file ...:
-        # file write failed" or "... unexpected pos N vs M"
-        isinstance(err, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
-    )
-
-
-def _disk_full_error(directory: Path, need: int | None, what: str) -> OSError:
-    free = _free_bytes(directory) / 2**20
-    needs = f"; one checkpoint of this model needs about {need / 2**20:.0f} MiB" if need else ""
-    return OSError(
-        errno.ENOSPC,
-        f"the disk holding {directory} (mounted at {_mount_point(directory)}) is full: "
-        f"{free:.0f} MiB free{needs}. {what} Free some space (old runs/, data caches) or choose "
-        "another --output-dir, then resume with --resume-from latest",
-    )
-
-
-def write_history(output_dir: Path, history: dict[str, Any]) -> None:
-    """history.json, written atomically (a crash leaves the old one or the new one)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f".{HISTORY_FILE}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(history, indent=1))
-        os.replace(tmp, output_dir / HISTORY_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
 
 # ----------------------------------------------------------------------------- listing
 
@@ -287,10 +229,10 @@ def save_checkpoint(accelerator, output_dir: Path, loop: LoopState, history: dic
     except Exception as err:  # not KeyboardInterrupt: a killed run's .tmp is cleaned next time
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(checkpoints_dir, err):
+        if disk_full(checkpoints_dir, err):
             last = latest_checkpoint(output_dir)
             kept = f"The last complete checkpoint is {last}." if last else "No checkpoint was kept."
-            raise _disk_full_error(checkpoints_dir, None,
+            raise disk_full_error(checkpoints_dir, None,
                                    f"Saving {path.name} failed and its partial files were "
                                    f"removed. {kept}") from None
         raise
@@ -456,125 +398,15 @@ def load_checkpoint(accelerator, path: Path, model) -> tuple[LoopState, dict[str
     return loop, history
 
 
-# ----------------------------------------------------------------------------- output dirs
-
-
-def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool,
-                     num_parameters: int) -> None:
-    """Refuse, before training, an output dir that cannot take this run's files.
-
-    It must be (or become) a writable directory with room for one checkpoint
-    (``12 bytes x parameters``: fp32 weights and AdamW's two moments), and a fresh run
-    (``resume=False``) must not mix with another run's files unless ``overwrite``.
-    """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(
-            f"output_dir={str(output_dir)!r} is a file, not a directory: choose another "
-            "--output-dir (or move the file away)"
+def resume(accelerator, path: Path, model, history: dict[str, Any]) -> LoopState:
+    """Load the checked checkpoint ``path`` into the prepared objects and its steps into
+    ``history``; return its loop state. A checkpoint past this run's ``total_steps`` is refused."""
+    loop, saved = load_checkpoint(accelerator, path, model)
+    if loop.step > history["total_steps"]:
+        raise ValueError(
+            f"resume_from={str(path)!r} is at step {loop.step}, past this run's "
+            f"total_steps={history['total_steps']}: raise max_steps (or num_epochs) to train further"
         )
-    if not resume and not overwrite:
-        found = [n for n in (CHECKPOINTS_DIR, MODEL_FILE, HISTORY_FILE)
-                 if (output_dir / n).exists()]  # fmt: skip
-        if found:
-            raise FileExistsError(
-                f"output_dir={str(output_dir)!r} already holds another run's "
-                f"{', '.join(found)}: a fresh run there would mix with it. Resume it "
-                "(--resume-from latest / resume_from='latest'), choose another --output-dir, or "
-                "replace it (--overwrite-output-dir / overwrite_output_dir=True)"
-            )
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PermissionError(
-            f"output_dir={str(output_dir)!r} cannot be created ({type(err).__name__}: "
-            f"{err.strerror or err}): choose another --output-dir"
-        ) from None
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"output_dir={str(output_dir)!r} is not writable: choose another --output-dir, or "
-            f"make it writable (chmod u+w {output_dir})"
-        )
-    need = _BYTES_PER_PARAMETER * num_parameters + 2**20
-    if _free_bytes(output_dir) < need:
-        raise _disk_full_error(output_dir, need, "Nothing was trained.")
-
-
-class OutputDirInUseError(OSError):
-    """Another training (a live process) holds the output dir's lock."""
-
-
-class OutputDirLock:
-    """``<output_dir>/.lowvram.lock`` while one training writes there (the main process's).
-
-    The file holds the writer's host and pid. A lock whose process is gone (killed, the
-    machine restarted) is stale: it is replaced, with a line through ``log``.
-    """
-
-    def __init__(self, output_dir: Path, log: Callable[[str], None] = print) -> None:
-        self.path = output_dir / LOCK_FILE
-        self.log = log
-        self.held = False
-
-    def _owner(self) -> tuple[str, int] | None:
-        try:
-            host, pid = self.path.read_text().split()[:2]
-            return host, int(pid)
-        except (OSError, ValueError):
-            return None
-
-    def acquire(self) -> None:
-        me = f"{socket.gethostname()} {os.getpid()}\n"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and not _is_stale(*owner):
-                    raise OutputDirInUseError(
-                        f"another training (pid {owner[1]} on {owner[0]}) is writing to "
-                        f"{self.path.parent}: wait for it, stop it, or choose another "
-                        f"--output-dir. (If no such training runs, delete {self.path}.)"
-                    ) from None
-                self.log(f"removing a stale lock {self.path} (pid {owner[1] if owner else '?'} "
-                         "is gone)")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
-            return
-        raise OutputDirInUseError(f"could not take the lock {self.path}: another training took it first")
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> OutputDirLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _is_stale(host: str, pid: int) -> bool:
-    """The lock's writer is gone: this host and no such process (another host: not stale)."""
-    if host != socket.gethostname():
-        return False
-    if pid == os.getpid():
-        return False  # this process: a second train() in the same kernel while the first runs
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # exists, another user's
-        return False
-    return False
-
-
-def overwrite_output_dir(output_dir: Path) -> None:
-    """Delete an earlier run's checkpoints, model and history (``overwrite_output_dir``)."""
-    shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
-    for name in (MODEL_FILE, HISTORY_FILE):
-        (output_dir / name).unlink(missing_ok=True)
+    history.update(steps=saved["steps"], val=saved["val"], skipped_steps=saved["skipped_steps"])
+    accelerator.print(f"resumed from {path} at step {loop.step}")
+    return loop

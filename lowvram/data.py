@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowvram.config import PRESETS, ModelConfig, check_positive_int, get_preset
+from lowvram.config import PRESETS, ModelConfig, TrainConfig, check_positive_int, get_preset
 from lowvram.corpus import (  # the corpus and tokenizer live there; re-exported in __all__
     _FIX,
     CORPUS_ARCHIVE,
@@ -82,6 +82,7 @@ __all__ = [
     "random_rows",
     "rows_fingerprint",
     "split_rows",
+    "training_rows",
     "summary",
     # lowvram.corpus's, re-exported: older code and learners' notebooks import them from here
     "CORPUS_ARCHIVE",
@@ -358,6 +359,24 @@ def load_datasets(
                     f"and val_data.pt into {data_dir}/"
                 )
     return load_split(own[0], model_config), load_split(own[1], model_config)
+
+
+def training_rows(model_config: ModelConfig, train_config: TrainConfig, train_data: torch.Tensor | None = None,
+                  val_data: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (train, val) rows of a training run: the given tensors, checked as files are
+    (:func:`check_rows`), or loaded from ``train_config.data_dir``. val is capped at
+    ``eval_max_batches`` batches, counted in rows, so that every process count sees the same rows."""
+    if (train_data is None) != (val_data is None):
+        raise ValueError("pass both train_data and val_data, or neither (then they are "
+                         f"loaded from data_dir={train_config.data_dir!r})")
+    if train_data is None:
+        train_data, val_data = load_datasets(model_config, train_config.data_dir)
+    else:
+        train_data = check_rows(train_data, model_config, "train_data")
+        val_data = check_rows(val_data, model_config, "val_data")
+    if train_config.eval_max_batches is not None:
+        val_data = val_data[: train_config.eval_max_batches * train_config.per_device_eval_batch_size]
+    return train_data, val_data
 
 
 def random_rows(model_config: ModelConfig, n: int, seed: int = 0) -> torch.Tensor:

@@ -36,6 +36,8 @@ __all__ = [
     "environment_info",
     "environment_summary",
     "notebook_launcher_problem",
+    "one_process_launch",
+    "threads_per_process",
     "training_device",
 ]
 
@@ -53,13 +55,27 @@ CUDA_TORCH_FIX = (
 _LABEL_WIDTH = 14
 
 
-def training_device() -> torch.device:
-    """The device ``lowvram.train.train(cpu=None)`` trains on: the first CUDA GPU, else the CPU.
+def training_device(cpu: bool | None = None) -> torch.device:
+    """The device ``lowvram.train.train(cpu=...)`` trains on. ``cpu=None``: the first CUDA GPU,
+    else the CPU; ``True``: the CPU; ``False``: the GPU, and a ValueError if there is none.
 
     Read from torch, not from an ``Accelerator``: creating accelerate's state in the kernel would
     make a later ``notebook_launcher`` refuse to start.
     """
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cpu is False and not torch.cuda.is_available():
+        raise ValueError("cpu=False but no CUDA GPU is visible: use cpu=None (the GPU if any)")
+    return torch.device("cuda" if not cpu and torch.cuda.is_available() else "cpu")
+
+
+def threads_per_process(num_processes: int) -> int:
+    """Threads for each of several CPU processes: never more than their share of the cores.
+
+    More threads than cores in all only spin-wait on each other: OMP_NUM_THREADS=3 (set for one
+    process) in each of 2 processes on 2 cores made notebook 25_4's launched run several times
+    slower. accelerate keeps such a variable as it is, so ``train`` applies this share.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(torch.get_num_threads(), max(1, (cores or 1) // num_processes))
 
 
 def cpu_build_on_gpu_machine() -> str | None:
@@ -98,6 +114,22 @@ def notebook_launcher_problem(num_processes: int) -> str | None:
             f"-m lowvram.train --preset cpu-demo (or use WSL2, where fork works)"
         )
     return None
+
+
+def one_process_launch() -> str | None:
+    """A warning when ``accelerate launch`` was asked for several processes but started one.
+
+    accelerate's "simple" launcher sets MASTER_ADDR only for --num_processes > 1, yet starts
+    one process: ``accelerate launch --cpu --num_processes 2`` trains on one process.
+    """
+    if "MASTER_ADDR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return None
+    return (
+        "this is one process although accelerate launch was asked for several: with --cpu it "
+        "starts only one (without mpirun). On a machine without a GPU use `accelerate launch "
+        "--multi_gpu --num_processes 2 -m lowvram.train ...` (or `torchrun --nproc_per_node 2 "
+        "-m lowvram.train ...`): each process then trains on the CPU, data-parallel over gloo"
+    )
 
 
 def _version(package: str) -> str:

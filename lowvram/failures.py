@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lowvram.checkpoints import latest_checkpoint
 from lowvram.config import ModelConfig, TrainConfig
+from lowvram.outputdir import HISTORY_FILE, write_history
 from lowvram.precision import PRECISION_LABELS
 
 __all__ = [
     "NonFiniteLossError",
     "TrainingOutOfMemoryError",
+    "interrupted_message",
     "is_cpu_out_of_memory",
     "non_finite",
     "non_finite_message",
     "out_of_memory_error",
+    "out_of_memory_in",
     "planner_advice",
+    "stop_non_finite",
 ]
 
 
@@ -85,6 +93,22 @@ def non_finite_message(
     )
 
 
+def stop_non_finite(accelerator, output_dir: Path, history: dict[str, Any], record: dict[str, Any],
+                    problem: str, max_lr: float):
+    """Write history.json with the steps done, then raise NonFiniteLossError. Called before
+    the step is recorded or checkpointed, so no saved file holds the broken weights."""
+    last = latest_checkpoint(output_dir)
+    message = non_finite_message(
+        record, problem, steps_done=len(history["steps"]),
+        last_checkpoint=str(last) if last else None, history_file=str(output_dir / HISTORY_FILE),
+        precision=history["precision"], has_scaler=accelerator.scaler is not None, max_lr=max_lr,
+    )  # fmt: skip
+    history["error"] = {"type": NonFiniteLossError.__name__, "step": record["step"], "message": message}
+    if accelerator.is_main_process:
+        write_history(output_dir, history)
+    raise NonFiniteLossError(message)
+
+
 def is_cpu_out_of_memory(err: BaseException) -> bool:
     """True for the CPU allocator's out-of-memory RuntimeError (torch raises no OOM class)."""
     text = str(err)
@@ -92,6 +116,17 @@ def is_cpu_out_of_memory(err: BaseException) -> bool:
         "DefaultCPUAllocator: can't allocate memory" in text
         or "DefaultCPUAllocator: not enough memory" in text
     )
+
+
+def out_of_memory_in(err: BaseException) -> tuple[str, bool] | None:
+    """For an out-of-memory error: (its first line, True if the CPU's RAM ran out); else None."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        on_cpu = False
+    elif is_cpu_out_of_memory(err):
+        on_cpu = True
+    else:
+        return None
+    return (str(err).strip().splitlines() or ["out of memory"])[0], on_cpu
 
 
 def planner_advice(
@@ -162,11 +197,30 @@ def out_of_memory_error(
         card_gib = (torch.cuda.get_device_properties(device).total_memory / 2**30
                     if device.type == "cuda" else 4.0)  # fmt: skip
         others = "Also close other programs that use the GPU (nvidia-smi lists them)."
-    tc = train_config
     return TrainingOutOfMemoryError(
         f"{what} during training ({original}). This run: "
-        f"per_device_train_batch_size={tc.per_device_train_batch_size}, "
-        f"gradient_accumulation_steps={tc.gradient_accumulation_steps}, precision={precision!r}, "
-        f"block_size={model_config.block_size}. "
-        f"{planner_advice(model_config, tc, precision, card_gib)}. {others}"
+        f"per_device_train_batch_size={train_config.per_device_train_batch_size}, "
+        f"gradient_accumulation_steps={train_config.gradient_accumulation_steps}, "
+        f"precision={precision!r}, block_size={model_config.block_size}. "
+        f"{planner_advice(model_config, train_config, precision, card_gib)}. {others}"
     )
+
+
+def interrupted_message(output_dir: Path, argv: Sequence[str]) -> str:
+    """The Ctrl-C line of ``python -m lowvram.train ARGV``: what was saved, and the command
+    that resumes (the same command without its --resume-from / --overwrite-output-dir)."""
+    last = latest_checkpoint(output_dir)
+    if last is None:
+        return f"interrupted: no checkpoint was saved yet in {output_dir}; start again with the same command"
+    keep, skip = [], False
+    for a in argv:
+        if skip or a == "--overwrite-output-dir":
+            skip = False
+            continue
+        if a == "--resume-from":
+            skip = True
+            continue
+        if not a.startswith("--resume-from="):
+            keep.append(a)
+    command = shlex.join(["python", "-m", "lowvram.train", *keep, "--resume-from", "latest"])
+    return f"interrupted: the last checkpoint is {last}; resume with: {command}"

@@ -67,10 +67,18 @@ def schedule_steps(
     return int(total * warmup_ratio), total  # the lesson: total_steps // 10
 
 
-def batches_per_process(num_batches: int, num_processes: int, drop_last: bool) -> int:
+def batches_per_process(num_batches: int, num_processes: int, drop_last: bool,
+                        rows: int | None = None) -> int:
     """Length of a prepared train loader: the batches are dealt round-robin to the processes;
-    a short last round is dropped with ``drop_last``, else padded (accelerate's even_batches)."""
-    return num_batches // num_processes if drop_last else math.ceil(num_batches / num_processes)
+    a short last round is dropped with ``drop_last``, else padded (accelerate's even_batches).
+    Given the loader's ``rows``, a length of 0 (nothing to train on) is a ValueError."""
+    n = num_batches // num_processes if drop_last else math.ceil(num_batches / num_processes)
+    if n == 0 and rows is not None:
+        raise ValueError(
+            f"train_data has {rows} rows: fewer than one batch (per_device_train_batch_size) "
+            f"for each of {num_processes} processes; use more data or a smaller batch"
+        )
+    return n
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int, scale: int = 1):

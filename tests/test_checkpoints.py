@@ -22,15 +22,10 @@ import torch
 from conftest import MODEL, TRAIN, checkpoints, rows, run, write_data
 
 import lowvram.checkpoints
-from lowvram.checkpoints import (
-    LOCK_FILE,
-    OutputDirInUseError,
-    OutputDirLock,
-    latest_checkpoint,
-    run_identity,
-    sha256_file,
-)
+import lowvram.outputdir
+from lowvram.checkpoints import latest_checkpoint, run_identity, sha256_file
 from lowvram.data import rows_fingerprint
+from lowvram.outputdir import LOCK_FILE, OutputDirInUseError, OutputDirLock
 from lowvram.schedule import lr_schedule
 from lowvram.train import main, train
 
@@ -179,7 +174,7 @@ def test_output_dir_is_checked_before_training(tmp_path, monkeypatch):
     a_file.write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
         run(a_file, max_steps=2)
-    monkeypatch.setattr(lowvram.checkpoints, "_free_bytes", lambda path: 1000)
+    monkeypatch.setattr(lowvram.outputdir, "_free_bytes", lambda path: 1000)
     with pytest.raises(OSError, match=r"the disk holding .* \(mounted at .*\) is full: 0 MiB "
                                       r"free; one checkpoint of this model needs about 1 MiB\. "
                                       "Nothing was trained"):
@@ -324,3 +319,41 @@ def test_another_optimizer_is_another_run(tmp_path):
     older = {**manifest_8bit, "train": {k: v for k, v in manifest_8bit["train"].items()
                                         if k != "optimizer"}}
     assert ck._mismatch(tmp_path, ck._identity_of(older), identity("adamw")) is None
+
+
+def test_interrupted_message_drops_resume_and_overwrite(tmp_path):
+    from lowvram.failures import interrupted_message
+
+    assert interrupted_message(tmp_path, ["--preset", "tiny"]) == (
+        f"interrupted: no checkpoint was saved yet in {tmp_path}; start again with the same command")
+    (tmp_path / "checkpoints" / "step_000003").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000003" / "manifest.json").write_text("{}")
+    line = interrupted_message(tmp_path, ["--preset", "tiny", "--overwrite-output-dir",
+                                          "--resume-from", "x", "--resume-from=y", "--seed", "3"])
+    assert line.endswith("resume with: python -m lowvram.train --preset tiny --seed 3 "
+                         "--resume-from latest")
+
+
+class _OneProcess:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_claim_output_dir_locks_and_overwrites_only_when_asked(tmp_path):
+    from lowvram.outputdir import claim_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.json").write_text("{}")  # another run's
+    lock = OutputDirLock(out)
+    with pytest.raises(FileExistsError, match="already holds another run's history.json"):
+        claim_output_dir(_OneProcess(), lock, fresh=True, overwrite=False, num_parameters=10)
+    assert not lock.held and (out / "history.json").exists()
+    claim_output_dir(_OneProcess(), lock, fresh=False, overwrite=False, num_parameters=10)  # resume
+    assert lock.held and (out / "history.json").exists()
+    lock.release()
+    claim_output_dir(_OneProcess(), lock, fresh=True, overwrite=True, num_parameters=10)
+    assert lock.held and not (out / "history.json").exists()
+    lock.release()

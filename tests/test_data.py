@@ -508,3 +508,20 @@ def test_cli_handles_its_errors_inside_main(tmp_path, capsys, no_download):
     a_file.write_text("x")
     assert main(["--preset", "cpu-demo", "--data-dir", str(a_file), "--no-progress"]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_training_rows_checks_given_rows_and_caps_val(tmp_path):
+    from lowvram.config import TrainConfig
+    from lowvram.data import random_rows, training_rows
+
+    train_config = TrainConfig(per_device_eval_batch_size=2, eval_max_batches=3,
+                               data_dir=str(tmp_path / "none"))
+    train, val = random_rows(CFG, 10), random_rows(CFG, 20, seed=1)
+    got_train, got_val = training_rows(CFG, train_config, train, val)
+    assert torch.equal(got_train, train) and torch.equal(got_val, val[:6])  # 3 batches of 2 rows
+    with pytest.raises(ValueError, match="pass both train_data and val_data, or neither"):
+        training_rows(CFG, train_config, train, None)
+    with pytest.raises(ValueError, match="val_data"):
+        training_rows(CFG, train_config, train, val[:, :-1])  # a row too short for the model
+    with pytest.raises(FileNotFoundError):
+        training_rows(CFG, train_config)  # nothing in data_dir

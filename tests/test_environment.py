@@ -207,3 +207,27 @@ def test_verify_gpu_says_loudly_that_torch_is_a_cpu_build(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("WARNING: this machine has an NVIDIA GPU") and CUDA_TORCH_FIX in err
     assert "error: --verify-gpu needs a CUDA GPU" in err
+
+
+def test_training_device_follows_cpu(no_gpu):
+    assert training_device(cpu=True) == torch.device("cpu")
+    assert training_device(cpu=None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="cpu=False but no CUDA GPU is visible"):
+        training_device(cpu=False)
+
+
+def test_training_device_cpu_true_on_a_gpu_machine(rtx2050):
+    assert training_device(cpu=True) == torch.device("cpu")
+    assert training_device(cpu=False) == torch.device("cuda")
+
+
+def test_one_process_launch(monkeypatch):
+    from lowvram.environment import one_process_launch
+
+    for name in ("MASTER_ADDR", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert one_process_launch() is None  # plain python
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert "accelerate launch --multi_gpu --num_processes 2" in one_process_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: several processes
+    assert one_process_launch() is None

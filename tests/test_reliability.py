@@ -30,6 +30,7 @@ import lowvram.checkpoints
 import lowvram.failures
 import lowvram.memory
 import lowvram.train
+from lowvram.checkpoints import latest_checkpoint
 from lowvram.config import ModelConfig, TrainConfig
 from lowvram.data import check_rows, rows_fingerprint
 from lowvram.memory import PlanRow, Recipe, plan
@@ -37,7 +38,6 @@ from lowvram.model import GPTModel
 from lowvram.train import (
     NonFiniteLossError,
     TrainingOutOfMemoryError,
-    latest_checkpoint,
     lr_schedule,
     schedule_steps,
     train,
@@ -570,3 +570,14 @@ def test_fuzz_configs_raise_only_value_errors_naming_the_field(cls):
         else:
             outcomes.add("ok")
     assert outcomes == {"ok", "error"}
+
+
+def test_out_of_memory_in_tells_oom_from_other_runtime_errors():
+    from lowvram.failures import out_of_memory_in
+
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+    assert out_of_memory_in(cuda) == ("CUDA out of memory. Tried to allocate 2.00 GiB", False)
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                       "memory: you tried to allocate 1 bytes")
+    assert out_of_memory_in(cpu)[1] is True
+    assert out_of_memory_in(RuntimeError("shape mismatch")) is None

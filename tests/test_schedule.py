@@ -57,6 +57,10 @@ def test_batches_per_process():
     assert batches_per_process(9, 2, drop_last=True) == 4  # the short last round is dropped
     assert batches_per_process(9, 2, drop_last=False) == 5  # ... or padded (even_batches)
     assert batches_per_process(8, 1, drop_last=True) == 8
+    assert batches_per_process(1, 2, drop_last=True) == 0  # without rows: just the length
+    with pytest.raises(ValueError, match=r"train_data has 3 rows: fewer than one batch .* for "
+                                         r"each of 2 processes"):
+        batches_per_process(1, 2, drop_last=True, rows=3)
 
 
 def test_linear_schedule_ticks_num_processes_times_per_step():

@@ -399,11 +399,11 @@ def test_cpu_demo_learns(tmp_path):
                          [(2, 3, 2, 1), (8, 3, 2, 3), (8, 8, 2, 4), (2, 2, 4, 1)])
 def test_cpu_processes_never_oversubscribe_the_cores(monkeypatch, cores, threads, processes,
                                                      expected):
-    from lowvram.train import _threads_per_process
+    from lowvram.environment import threads_per_process
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert _threads_per_process(processes) == expected
+    assert threads_per_process(processes) == expected
 
 
 def test_train_uses_the_configs_optimizer_and_8bit_adamw_learns_like_adamw(tmp_path,
