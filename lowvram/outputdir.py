@@ -35,6 +35,8 @@ __all__ = [
     "OutputDirLock",
     "check_output_dir",
     "claim_output_dir",
+    "disk_full",
+    "disk_full_error",
     "overwrite_output_dir",
     "save_model_and_history",
     "write_history",
@@ -64,6 +66,7 @@ def _free_bytes(path: Path) -> int:
 
 
 def disk_full(path: Path, err: BaseException) -> bool:
+    """True if ``err``, raised while writing under ``path``, means the disk (or quota) is full."""
     text = str(err)
     return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
         # torch's zip writer turns ENOSPC into "PytorchStreamWriter failed writing file ...:
@@ -73,6 +76,8 @@ def disk_full(path: Path, err: BaseException) -> bool:
 
 
 def disk_full_error(directory: Path, need: int | None, what: str) -> OSError:
+    """The ENOSPC error a learner can act on: which disk, how much is free (and ``need``ed),
+    ``what`` happened to the files, and what to do."""
     free = _free_bytes(directory) / 2**20
     needs = f"; one checkpoint of this model needs about {need / 2**20:.0f} MiB" if need else ""
     return OSError(
