@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lowvram.data import sha256_file  # one file hash for the data cache and checkpoints
+from lowvram._files import sha256_file  # one file hash for the data cache and checkpoints
 from lowvram.outputdir import CHECKPOINTS_DIR, MODEL_FILE, disk_full, disk_full_error
 
 __all__ = [
@@ -376,7 +376,7 @@ def load_checkpoint(accelerator, path: Path, model) -> tuple[LoopState, dict[str
     """``accelerator.load_state`` plus the loop state and history saved next to it (the
     checkpoint was checked by :func:`resolve_checkpoint`; what still fails to load is corrupt).
     Weights that are NaN or inf are refused: such a checkpoint is not a good state."""
-    import torch  # the module itself stays light: lowvram.plots imports it
+    import torch  # only this function needs it (lowvram/__init__ has loaded it already)
 
     try:
         state = json.loads((path / LOOP_STATE_FILE).read_text())

@@ -21,19 +21,20 @@ by name and joined by ``<|endoftext|>``. The tokenizer is a byte-level BPE train
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from lowvram._files import atomic_write as _atomic_write  # shared with data and the checkpoints
+from lowvram._files import sha256_file
 
 if TYPE_CHECKING:  # tokenizers is imported lazily: `import lowvram.corpus` stays light
     from tokenizers import Tokenizer
@@ -61,31 +62,6 @@ _MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>: every byte sequence stays 
 _FIX = "run `python -m lowvram.data` (or `make data`) to prepare it"
 _PIP_TIMEOUT_S = 20  # pip's default of 15 s x 5 retries looks like a hang on a dead index
 _PIP_RETRIES = 2
-
-
-# ----------------------------------------------------------------------------- small helpers
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 4 MiB blocks (about 1-2 GB/s on one core)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` and move tmp onto ``path``: a crash leaves no half file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # a read-only dir: keep the first error, not this one
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- the corpus

@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lowvram._files import atomic_write as _atomic_write
+from lowvram._files import sha256_file  # re-exported in __all__ too
 from lowvram.config import PRESETS, ModelConfig, TrainConfig, check_positive_int, get_preset
 from lowvram.corpus import (  # the corpus and tokenizer live there; re-exported in __all__
     _FIX,
@@ -55,13 +57,11 @@ from lowvram.corpus import (  # the corpus and tokenizer live there; re-exported
     CORPUS_PACKAGE,
     CORPUS_SHA256,
     EOT_TOKEN,
-    _atomic_write,
     _check_vocab,
     _documents,
     decode,
     ensure_corpus,
     load_tokenizer,
-    sha256_file,
     tokenizer_path,
     train_tokenizer,
 )

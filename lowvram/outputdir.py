@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lowvram._files import atomic_write
+
 __all__ = [
     "CHECKPOINTS_DIR",
     "HISTORY_FILE",
@@ -93,14 +95,7 @@ def disk_full_error(directory: Path, need: int | None, what: str) -> OSError:
 
 def write_history(output_dir: Path, history: dict[str, Any]) -> None:
     """history.json, written atomically (a crash leaves the old one or the new one)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f".{HISTORY_FILE}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(history, indent=1))
-        os.replace(tmp, output_dir / HISTORY_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(output_dir / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
 
 
 # ----------------------------------------------------------------------------- ownership
