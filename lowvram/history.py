@@ -5,17 +5,16 @@
     history["val"][-1]     # {"step", "loss"}
 
 ``lowvram.plots`` draws it; ``lowvram.outputdir.write_history`` writes it atomically.
+``StepLog`` keeps the step records on the device until ``train`` reads them (see its docstring).
+Importing this module loads torch and no other lowvram module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
-
-from lowvram.failures import non_finite, stop_non_finite
 
 __all__ = ["StepLog", "new_history"]
 
@@ -35,64 +34,93 @@ def new_history(model_config, train_config, *, precision: str, reason: str, advi
 
 
 class StepLog:
-    """What ``train`` keeps of its optimizer steps: a record each in ``history["steps"]``, the
-    progress bar, and a log line every ``log_interval`` steps.
+    """The optimizer steps' records of ``train``, kept on the device until read in one go.
 
-    The lesson printed one micro-batch's loss of one process. Here each micro-batch's loss is
-    added up on the device (:meth:`add`: no device-to-host copy per micro-batch), and at the
-    optimizer step one ``accelerator.reduce`` gives the mean over all its micro-batches of all
-    processes (:meth:`step`).
+    Reading a tensor's value on the host (``.item()``, ``.tolist()``, ``float(t)``, ``if t:``)
+    makes the CPU wait until the GPU has finished everything queued so far. A fast GPU runs a
+    step faster than Python issues it, so one such read per step costs the queue. Here nothing
+    is read per micro-batch or per step:
+
+    - :meth:`add` (each micro-batch) adds its loss to a sum on the device;
+    - :meth:`step` (each optimizer step) keeps that step's loss sum, gradient norm, loss scale
+      and skipped flag as device tensors (its LR, epoch, micro-batches and tokens are host
+      numbers already) and moves the progress bar;
+    - :meth:`read` copies every kept step to the host at once: one ``accelerator.reduce`` (the
+      mean over all processes' micro-batches) and one ``.tolist()``, and returns the records.
+
+    ``train`` reads at its log steps and before every evaluation, checkpoint and the final save.
+    So a NaN/inf step is noticed up to ``log_interval`` steps late, but always before anything
+    is saved: no saved file holds weights from after a non-finite step. The progress bar's
+    loss is updated at each read.
     """
 
-    def __init__(self, accelerator, history: dict[str, Any], output_dir: Path, train_config,
-                 initial_step: int, progress: bool) -> None:
+    def __init__(self, accelerator, *, total_steps: int, initial_step: int, progress: bool) -> None:
         from tqdm.auto import tqdm  # lazily: tqdm.auto pulls in the notebook machinery
 
-        self.accelerator, self.history, self.output_dir = accelerator, history, output_dir
-        self.log_interval, self.max_lr = train_config.log_interval, train_config.max_lr
-        self.bar = tqdm(total=history["total_steps"], initial=initial_step, desc="train",
-                        unit="step", disable=not (progress and accelerator.is_main_process))
+        self.accelerator = accelerator
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                        disable=not (progress and accelerator.is_main_process))
         self.zero = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.loss, self.batches, self.tokens = self.zero.clone(), 0, 0
+        self.loss, self.batches, self.tokens = self.zero.clone(), 0, 0  # this step's so far
+        self.kept: list[tuple[dict[str, Any], list[torch.Tensor]]] = []  # steps not read yet
 
     def add(self, loss: torch.Tensor, tokens: int) -> None:
         """One micro-batch: its loss and its number of input tokens."""
         self.loss += loss.detach()
         self.batches, self.tokens = self.batches + 1, self.tokens + tokens
 
-    def step(self, loop, epoch: int, *, lr: float, grad_norm: torch.Tensor,
-             loss_scale: float | None, skipped: bool) -> dict[str, Any]:
-        """Record optimizer step ``loop.step`` (and add its tokens to ``loop.tokens``).
+    def loss_scale(self) -> torch.Tensor | None:
+        """The GradScaler's loss scale now, as a device copy (``scaler.get_scale()`` would wait
+        for the GPU); None without a GradScaler. Take it before ``optimizer.step()``."""
+        scaler = self.accelerator.scaler
+        return None if scaler is None else scaler._get_scale_async().clone()
 
-        Raises NonFiniteLossError, with history.json written, when its loss (or gradient norm)
-        is NaN or inf: before the step is recorded, so that no saved file holds those weights.
+    def step(self, step: int, epoch: int, *, lr: float, grad_norm: torch.Tensor,
+             loss_scale: torch.Tensor | None) -> None:
+        """Keep optimizer step ``step``; call it after ``optimizer.step()``.
+
+        ``loss_scale`` is :meth:`loss_scale` from before ``optimizer.step()``. The GradScaler
+        skips a step whose gradients overflowed and then lowers its scale, so "skipped" is
+        "the scale went down", compared on the device. (accelerate's
+        ``optimizer_step_was_skipped`` says the same for the lesson's AdamW, but stays False for
+        a fused AdamW, which skips inside its own kernel.)
         """
-        totals = torch.stack([self.loss, self.zero + self.batches, self.zero + self.tokens])
-        loss_sum, batches, tokens = self.accelerator.reduce(totals, "sum").tolist()
-        self._reset()
-        loop.tokens += int(tokens)
-        record = {
-            "step": loop.step, "epoch": epoch, "tokens": loop.tokens, "loss": loss_sum / batches,
-            "lr": lr, "grad_norm": grad_norm.item(), "loss_scale": loss_scale, "skipped": skipped,
-        }  # fmt: skip
-        self.history["skipped_steps"] += int(skipped)  # fp16 overflow: the GradScaler skipped it
-        problem = non_finite(record)
-        if problem:
-            self.bar.close()
-            stop_non_finite(self.accelerator, self.output_dir, self.history, record, problem,
-                            self.max_lr)
-        self.history["steps"].append(record)
+        if loss_scale is None:
+            scale = skipped = self.zero
+        else:
+            scale = loss_scale
+            skipped = self.accelerator.scaler._get_scale_async() < loss_scale
+        norm = torch.as_tensor(grad_norm, device=self.zero.device)
+        meta = {"step": step, "epoch": epoch, "lr": lr, "batches": self.batches,
+                "tokens": self.tokens, "scaled": loss_scale is not None}
+        self.kept.append((meta, [self.loss, norm, scale, skipped]))
+        self.loss, self.batches, self.tokens = self.zero.clone(), 0, 0
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if loop.step % self.log_interval == 0:
-            self.accelerator.print(
-                f"step {loop.step:>6}/{self.history['total_steps']} | epoch {epoch} | loss "
-                f"{record['loss']:.4f} | lr {lr:.2e} | grad norm {record['grad_norm']:.3f}"
-            )
-        return record
+
+    def read(self, loop) -> list[dict[str, Any]]:
+        """The records of the steps kept since the last read, in order; ``loop.tokens`` grows
+        by their tokens. One reduce and one device-to-host copy for all of them."""
+        if not self.kept:
+            return []
+        metas = [meta for meta, _ in self.kept]
+        f64 = dict(dtype=torch.float64, device=self.zero.device)
+        columns = [torch.stack([values[i].to(**f64) for _, values in self.kept]) for i in range(4)]
+        counts = torch.tensor([[m["batches"], m["tokens"]] for m in metas], **f64)
+        # the loss sums, micro-batches and tokens of all processes; norm, scale, skipped: this one's
+        summed = self.accelerator.reduce(torch.cat([columns[0][:, None], counts], dim=1), "sum")
+        rows = torch.cat([summed, torch.stack(columns[1:], dim=1)], dim=1).tolist()
+        self.kept = []
+        records = []
+        for meta, (loss_sum, batches, tokens, grad_norm, scale, skipped) in zip(metas, rows,
+                                                                                strict=True):
+            loop.tokens += int(tokens)
+            records.append({
+                "step": meta["step"], "epoch": meta["epoch"], "tokens": loop.tokens,
+                "loss": loss_sum / batches, "lr": meta["lr"], "grad_norm": grad_norm,
+                "loss_scale": scale if meta["scaled"] else None, "skipped": bool(skipped),
+            })  # fmt: skip
+        self.bar.set_postfix(loss=f"{records[-1]['loss']:.4f}")
+        return records
 
     def close(self) -> None:
         self.bar.close()

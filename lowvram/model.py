@@ -81,7 +81,16 @@ class Block(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """A GPT language model: ``forward(idx, targets=None) -> (logits, loss)``."""
+    """A GPT language model: ``forward(idx, targets=None) -> (logits, loss)``.
+
+    ``forward`` checks its input and names what is wrong (shape, dtype, length, token ids out
+    of ``[0, vocab_size)``). The token-id range check reads ``idx.min()``/``idx.max()`` on the
+    host, which on a GPU waits for it: see :meth:`_range_check_due`. ``lowvram.train.train``
+    sets ``check_token_range = False`` on its model, because it checks its rows once when
+    they are loaded; a learner's ``model(X)`` keeps the check.
+    """
+
+    check_token_range: bool = True  # False: trust the caller's token ids (train() checked them)
 
     def __init__(self, config: ModelConfig | None = None, **kwargs: object) -> None:
         """Build from a ModelConfig, or from its fields as keywords, as the seed does:
@@ -164,9 +173,10 @@ class GPTModel(nn.Module):
         always checked (no sync), and a tensor on another device is checked on the model's
         first forward with that device only, which catches the usual mistake (data from a
         tokenizer with another vocabulary size) before the first bad lookup turns into a
-        device-side assert. Never while torch.compile traces (a data-dependent branch).
+        device-side assert. Never while torch.compile traces (a data-dependent branch), and
+        never when ``check_token_range`` is False (``train`` sets it: it checked its rows).
         """
-        if torch.compiler.is_compiling():
+        if not self.check_token_range or torch.compiler.is_compiling():
             return False
         if idx.device.type == "cpu":
             return True

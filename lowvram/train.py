@@ -55,8 +55,10 @@ from lowvram.failures import (
     NonFiniteLossError,
     TrainingOutOfMemoryError,
     interrupted_message,
+    non_finite,
     out_of_memory_error,
     out_of_memory_in,
+    stop_non_finite,
 )
 from lowvram.history import StepLog, new_history
 from lowvram.model import GPTModel
@@ -113,8 +115,6 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     num_processes = accelerator.num_processes
     if device.type == "cpu" and num_processes > 1:
         torch.set_num_threads(threads_per_process(num_processes))
-    if precision == "fp16" and device.type == "cpu":  # only a demonstration asks for this
-        force_grad_scaler(accelerator)  # fp16 autocast + GradScaler, as on the 4 GB card
     lock = outputdir.OutputDirLock(output_dir, log=accelerator.print)
     try:
         set_seed(train_config.seed)  # lesson: no seed; now it also fixes the model's init
@@ -136,6 +136,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
 
         # 4. Model, optimizer and scheduler.
         model = GPTModel(model_config)
+        # the rows were range-checked once above: reading each batch's min/max token id would
+        # make the CPU wait for the GPU twice per micro-batch
+        model.check_token_range = False
         # lesson: torch.optim.AdamW; train_config.optimizer="adamw8bit" keeps its two moments
         # in 8 bits (bitsandbytes), 2 bytes of state per parameter instead of 8
         optimizer = build_optimizer(model.parameters(), train_config)
@@ -174,6 +177,21 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
         )
         saved_at = loop.step if resume_from is not None else -1
 
+        def read_steps() -> None:  # the steps' records, copied from the device in one go
+            for record in steps.read(loop):
+                if problem := non_finite(record):  # NaN or inf: stop, before anything is saved
+                    steps.close()
+                    stop_non_finite(accelerator, output_dir, history, record, problem,
+                                    train_config.max_lr)
+                history["steps"].append(record)
+                history["skipped_steps"] += record["skipped"]  # fp16 overflow: the scaler skipped it
+                if _due(record["step"], train_config.log_interval):
+                    accelerator.print(
+                        f"step {record['step']:>6}/{total_steps} | epoch {record['epoch']} | loss "
+                        f"{record['loss']:.4f} | lr {record['lr']:.2e} | grad norm "
+                        f"{record['grad_norm']:.3f}"
+                    )
+
         def evaluate() -> None:  # once per step
             if not history["val"] or history["val"][-1]["step"] != loop.step:
                 val_loss = _evaluate(accelerator, model, val_loader)
@@ -187,7 +205,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
                                             train_config.keep_checkpoints, identity)
                 saved_at = loop.step
 
-        steps = StepLog(accelerator, history, output_dir, train_config, loop.step, progress)
+        steps = StepLog(accelerator, total_steps=total_steps, initial_step=loop.step,
+                        progress=progress)
         if loop.step == 0:
             evaluate()  # the starting point, about ln(vocab_size)
 
@@ -214,7 +233,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(),
                                                                 train_config.max_grad_norm)
                         lr = scheduler.get_last_lr()[0]  # the LR this step runs at
-                        scale = accelerator.scaler.get_scale() if accelerator.scaler else None
+                        scale = steps.loss_scale()  # a device copy; None without a GradScaler
                     # lesson: the same calls; the prepared optimizer and scheduler act on a sync
                     optimizer.step()
                     scheduler.step()
@@ -224,21 +243,25 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
                 if not accelerator.sync_gradients:
                     continue
 
-                # One optimizer step done: its record (the mean loss over its micro-batches and
-                # the processes), the bar and the log. NaN or inf stops here, before a save.
+                # One optimizer step done: its values stay on the device (no wait for the GPU).
+                # They are read at log steps and before every evaluation and save, where a
+                # NaN or inf stops the run: up to log_interval steps late, never after a save.
                 loop.step += 1
-                steps.step(loop, epoch, lr=lr, grad_norm=grad_norm, loss_scale=scale,
-                           skipped=accelerator.optimizer_step_was_skipped)  # fp16 overflow
+                steps.step(loop.step, epoch, lr=lr, grad_norm=grad_norm, loss_scale=scale)
                 if loop.batches_in_epoch == batches_per_epoch:  # the epoch is complete
                     loop.epoch, loop.batches_in_epoch = epoch + 1, 0
                 if loop.step >= total_steps:
                     break
-                if train_config.eval_interval and loop.step % train_config.eval_interval == 0:
+                evaluate_now = _due(loop.step, train_config.eval_interval)
+                save_now = _due(loop.step, train_config.checkpoint_interval)
+                if evaluate_now or save_now or _due(loop.step, train_config.log_interval):
+                    read_steps()  # lesson: loss.item() every 100 micro-steps
+                if evaluate_now:
                     evaluate()
-                every = train_config.checkpoint_interval
-                if every and loop.step % every == 0:
+                if save_now:
                     checkpoint()
             # the end of an epoch, or of training. lesson: "... (Gün 27 və Gün 28-də öyrəniləcək)"
+            read_steps()
             evaluate()
             checkpoint()
         steps.close()
@@ -266,6 +289,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
 
 # ----------------------------------------------------------------------------- loop helpers
 
+
+def _due(step: int, interval: int) -> bool:
+    """Whether something done every ``interval`` optimizer steps is due at ``step`` (0: never)."""
+    return interval > 0 and step % interval == 0
 
 @torch.no_grad()
 def _evaluate(accelerator: Accelerator, model: torch.nn.Module, val_loader) -> float:

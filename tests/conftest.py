@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import lowvram.corpus
@@ -27,24 +27,27 @@ def rows(n: int, seed: int = 0, model: ModelConfig = MODEL) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def forced_fp16(init_scale: float | None = None):
-    """``train`` runs fp16 autocast with a GradScaler on the CPU, as on the 4 GB card: the
-    precision policy is patched to answer "fp16" (then ``train`` forces the scaler itself)."""
+def forced_fp16(init_scale: float = 2.0**16):
+    """``train`` runs fp16 autocast with a GradScaler on the CPU, as on the 4 GB card.
+
+    The precision policy is patched to answer "fp16", and ``train``'s Accelerator is one that
+    forces the GradScaler (``force_grad_scaler``) as soon as it is created, before ``prepare``.
+    """
     reason = "fp16 autocast with a GradScaler forced on the CPU (demonstration)"
-    patches = [mock.patch.object(lowvram.train, "resolve_precision",
-                                 lambda requested, device: ("fp16", reason))]
-    if init_scale is not None:
-        patches.append(mock.patch.object(
-            lowvram.train, "force_grad_scaler",
-            functools.partial(force_grad_scaler, init_scale=init_scale)))
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
+
+    class ForcedFp16Accelerator(Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            force_grad_scaler(self, init_scale=init_scale)
+
+    with mock.patch.object(lowvram.train, "resolve_precision",
+                           lambda requested, device: ("fp16", reason)), \
+            mock.patch.object(lowvram.train, "Accelerator", ForcedFp16Accelerator):
         yield
 
 
 def run(out: Path, model: ModelConfig = MODEL, n_train: int = 32, *, fp16: bool = False,
-        init_scale: float | None = None, **kwargs) -> dict:
+        init_scale: float = 2.0**16, **kwargs) -> dict:
     """Train ``model`` (tiny) on ``n_train`` random rows into ``out``; return the history.
 
     TrainConfig fields in ``kwargs`` change the config; the rest go to ``train``. ``fp16``:
