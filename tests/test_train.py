@@ -11,10 +11,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import accelerate
 import pytest
 import torch
+import tqdm
+import transformers
 from conftest import MODEL, REPO, TRAIN, max_diff, rows, run, weights, write_data
 
+import lowvram
 from lowvram.config import get_preset
 from lowvram.model import GPTModel
 from lowvram.train import (
@@ -435,3 +439,79 @@ def test_cli_takes_the_optimizer(monkeypatch):
     monkeypatch.setattr(T, "train", lambda m, t, **kw: got.setdefault("cfg", t) and {})
     T.main(["--preset", "tiny", "--optimizer", "adamw8bit", "--no-progress"])
     assert got["cfg"].optimizer == "adamw8bit"
+
+
+# ----------------------------------------------------------------------------- host reads
+
+
+_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+_TORCH = Path(torch.__file__).parent
+# code that only passes a read on: torch's Tensor methods (f"{t:.4f}" calls t.item()), the
+# libraries lowvram hands tensors to. torch's own reads (AdamW's CPU step counter, GradScaler's
+# found_inf check) are torch's, not lowvram's: their nearest caller is torch.optim or torch.amp.
+_RELAYS = (*(str(_TORCH / f) for f in ("_tensor.py", "_tensor_str.py", "overrides.py")),
+           *(str(Path(m.__file__).parent) for m in (accelerate, tqdm, transformers)))
+_LOWVRAM = str(Path(lowvram.__file__).parent)
+
+
+def _count_host_reads(monkeypatch, reads: list[str]) -> None:
+    """Count the tensor reads to the host (each one a wait for the GPU on CUDA) that lowvram's
+    code makes: the nearest caller that is not a relay (``_RELAYS``) is in lowvram/. Each is
+    appended to ``reads`` as "method file:line"."""
+
+    def counted(name, original):
+        def read(tensor, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(_RELAYS):
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.startswith(_LOWVRAM):
+                where = Path(frame.f_code.co_filename).name
+                reads.append(f"{name} {where}:{frame.f_lineno}")
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+    for name in _READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+
+
+def _reads_per_step(tmp_path, monkeypatch, **changes) -> list[list[str]]:
+    """The host reads lowvram makes between one optimizer step and the next in a tiny run with
+    the progress bar on, and no evaluation or checkpoint (they are allowed reads)."""
+    reads: list[str] = []
+    per_step: list[list[str]] = []
+
+    def next_step(model):
+        per_step.append(reads[:])
+        reads.clear()
+
+    config = TRAIN.replace(output_dir=str(tmp_path / "run"), max_steps=6, eval_interval=0,
+                           checkpoint_interval=0, **changes)
+    _count_host_reads(monkeypatch, reads)
+    train(MODEL, config, train_data=rows(32), val_data=rows(8, seed=1), progress=True,
+          on_optimizer_step=next_step)
+    monkeypatch.undo()
+    return per_step[1:]  # from optimizer step 1 to 2, ..., 5 to 6 (not the first evaluation)
+
+
+@pytest.mark.parametrize(("log_interval", "reads_per_step"), [(1000, 0), (1, 1)])
+def test_train_reads_no_tensor_value_per_micro_batch_or_step(tmp_path, monkeypatch,
+                                                             log_interval, reads_per_step):
+    """On a GPU each read waits until the GPU has done all queued work. Between two optimizer
+    steps (2 micro-batches each) lowvram reads nothing, except the one ``tolist`` of the
+    records at a log step."""
+    per_step = _reads_per_step(tmp_path, monkeypatch, log_interval=log_interval)
+    assert len(per_step) == 5
+    assert [len(r) for r in per_step] == [reads_per_step] * 5, per_step
+    if reads_per_step:
+        assert all(r[0].startswith("tolist history.py:") for r in per_step)
+
+
+def test_the_host_read_count_sees_the_models_old_input_check(tmp_path, monkeypatch):
+    """The count would catch a regression: with the model's token-range check on inside train()
+    (before issue 19), each micro-batch's forward read min and max of idx and targets."""
+    always = property(lambda model: True, lambda model, value: None)
+    monkeypatch.setattr(GPTModel, "check_token_range", always)
+    per_step = _reads_per_step(tmp_path, monkeypatch, log_interval=1000)
+    assert [len(r) for r in per_step] == [2 * 4] * 5  # 2 micro-batches x 4 bool() in model.py
+    assert all(read.startswith("__bool__ model.py:") for r in per_step for read in r)
