@@ -1,4 +1,4 @@
-"""lowvram.checkpoints: one resume check for every route, owned output dirs, hashed files.
+"""lowvram.checkpoints: one resume check for every route, atomic hashed saves.
 
 Each test is one case of an adversarial pass against the CLI and the Python API: what it did
 before is in the comment, what it does now is asserted. Tiny preset, random rows, CPU.
@@ -7,27 +7,19 @@ before is in the comment, what it does now is asserted. Tiny preset, random rows
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import accelerate.checkpointing
 import pytest
-import torch
-from conftest import MODEL, TRAIN, checkpoints, rows, run, write_data
+from conftest import MODEL, TRAIN, checkpoints, rows, run
 
-import lowvram.checkpoints
-import lowvram.outputdir
-from lowvram.checkpoints import latest_checkpoint, run_identity, sha256_file
+from lowvram.checkpoints import run_identity
 from lowvram.data import rows_fingerprint
-from lowvram.outputdir import LOCK_FILE, OutputDirInUseError, OutputDirLock
+from lowvram.outputdir import LOCK_FILE
 from lowvram.schedule import lr_schedule
-from lowvram.train import main, train
+from lowvram.train import train
 
 STEP_4 = Path("checkpoints") / "step_000004"
 
@@ -48,31 +40,21 @@ def copy_run(src: Path, dst: Path) -> Path:
 # ----------------------------------------------------------------------------- small pieces
 
 
-def test_sha256_file_and_identity(tmp_path):
-    f = tmp_path / "f"
-    f.write_bytes(b"abc" * 1_000_000)
-    assert sha256_file(f) == hashlib.sha256(b"abc" * 1_000_000).hexdigest()
-    identity = run_identity(MODEL, TRAIN, 1, 16, rows_fingerprint(rows(32)))
-    assert identity["seed"] == TRAIN.seed and identity["num_processes"] == 1
-    assert identity["model"] == dataclasses.asdict(MODEL)
-    assert rows_fingerprint(rows(32)) != rows_fingerprint(rows(32, seed=5))  # same shape
-
-
-def test_lock_refuses_a_live_writer_and_replaces_a_stale_one(tmp_path):
-    lines = []
-    with OutputDirLock(tmp_path, log=lines.append):
-        assert (tmp_path / LOCK_FILE).read_text().split() == [socket.gethostname(), str(os.getpid())]
-    assert not (tmp_path / LOCK_FILE).exists()  # released
-    (tmp_path / LOCK_FILE).write_text(f"{socket.gethostname()} {os.getppid()}\n")  # alive
-    with pytest.raises(OutputDirInUseError, match=rf"another training \(pid {os.getppid()} on "):
-        OutputDirLock(tmp_path).acquire()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (tmp_path / LOCK_FILE).write_text(f"{socket.gethostname()} {dead.pid}\n")  # SIGKILLed run
-    lock = OutputDirLock(tmp_path, log=lines.append)
-    lock.acquire()
-    assert lines == [f"removing a stale lock {tmp_path / LOCK_FILE} (pid {dead.pid} is gone)"]
-    lock.release()
+def test_identity_holds_what_a_resume_must_share_and_nothing_else():
+    fingerprint = rows_fingerprint(rows(32))
+    identity = run_identity(MODEL, TRAIN, 1, 16, fingerprint)
+    # what the log, eval and save cadence, the LR or the output dir are is not the run's identity
+    assert run_identity(MODEL, TRAIN.replace(log_interval=7, eval_interval=3, max_lr=0.5,
+                                             output_dir="elsewhere"), 1, 16, fingerprint) == identity
+    # the seed (the data order), the model, the batch, the process count and the rows are
+    for other in (run_identity(MODEL, TRAIN.replace(seed=5), 1, 16, fingerprint),
+                  run_identity(dataclasses.replace(MODEL, n_layer=1), TRAIN, 1, 16, fingerprint),
+                  run_identity(MODEL, TRAIN.replace(gradient_accumulation_steps=4), 1, 16,
+                               fingerprint),
+                  run_identity(MODEL, TRAIN, 2, 16, fingerprint),
+                  run_identity(MODEL, TRAIN, 1, 16, rows_fingerprint(rows(32, seed=5)))):
+        assert other != identity
+    assert fingerprint != rows_fingerprint(rows(32, seed=5))  # the same shape, other rows
 
 
 # ----------------------------------------------------------------------------- one resume check
@@ -140,58 +122,26 @@ def test_extending_a_finished_run_follows_the_new_schedule(tmp_path, four_steps)
     assert [s["loss"] for s in extended["steps"][:4]] == [s["loss"] for s in old["steps"]]
 
 
-# ----------------------------------------------------------------------------- output dirs
+def test_another_optimizer_is_another_run(tmp_path):
+    """AdamW's state cannot continue as AdamW8bit's (it was a KeyError: 'exp_avg')."""
+    from lowvram import checkpoints as ck
+
+    def identity(optimizer):
+        return ck.run_identity(MODEL, TRAIN.replace(optimizer=optimizer), 1, 8, "abc")
+
+    manifest_8bit = {"model": identity("adamw8bit")["model"], "num_processes": 1,
+                     "batches_per_epoch": 8, "train_data_sha256": "abc",
+                     "train": {**TRAIN.replace(optimizer="adamw8bit").__dict__}}
+    why = ck._mismatch(tmp_path, ck._identity_of(manifest_8bit), identity("adamw"))
+    assert why.startswith("was written with optimizer='adamw8bit', this run has optimizer='adamw'")
+    assert "--optimizer adamw8bit" in why
+    assert ck._mismatch(tmp_path, ck._identity_of(manifest_8bit), identity("adamw8bit")) is None
+    older = {**manifest_8bit, "train": {k: v for k, v in manifest_8bit["train"].items()
+                                        if k != "optimizer"}}
+    assert ck._mismatch(tmp_path, ck._identity_of(older), identity("adamw")) is None
 
 
-def test_fresh_run_into_a_used_dir_is_refused_unless_overwrite(tmp_path, four_steps):
-    # before: step_2/4 replaced, the old step_6 survived, `latest` then resumed the other run
-    out = copy_run(four_steps, tmp_path / "run")
-    with pytest.raises(FileExistsError, match=r"already holds another run's checkpoints, "
-                                              r"model.safetensors, history.json.*--overwrite-output-dir"):
-        run(out, max_steps=2, checkpoint_interval=2, seed=5)
-    assert checkpoints(out) == ["step_000002", "step_000004"]  # untouched
-    history = run(out, max_steps=2, checkpoint_interval=2, seed=5, overwrite_output_dir=True)
-    assert checkpoints(out) == ["step_000002"] and history["config"]["train"]["seed"] == 5
-    assert not (out / LOCK_FILE).exists()
-
-
-def test_two_trainings_into_one_dir(tmp_path):
-    # before: both exited 0 and one run's results were silently gone
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / LOCK_FILE).write_text(f"{socket.gethostname()} {os.getppid()}\n")  # a live training
-    with pytest.raises(OutputDirInUseError, match="another training .* is writing to"):
-        run(out, max_steps=2)
-    assert not (out / "history.json").exists()
-
-
-def test_output_dir_is_checked_before_training(tmp_path, monkeypatch):
-    # before: NotADirectoryError / OSError at the first save, after the training
-    trained = []
-    monkeypatch.setattr(lowvram.checkpoints, "save_checkpoint",
-                        lambda *a, **k: trained.append(1))
-    a_file = tmp_path / "file"
-    a_file.write_text("x")
-    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
-        run(a_file, max_steps=2)
-    monkeypatch.setattr(lowvram.outputdir, "_free_bytes", lambda path: 1000)
-    with pytest.raises(OSError, match=r"the disk holding .* \(mounted at .*\) is full: 0 MiB "
-                                      r"free; one checkpoint of this model needs about 1 MiB\. "
-                                      "Nothing was trained"):
-        run(tmp_path / "full", max_steps=2)
-    assert trained == []
-
-
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
-def test_read_only_output_dir(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        with pytest.raises(PermissionError, match="is not writable"):
-            run(ro, max_steps=2)
-    finally:
-        ro.chmod(0o700)
+# ----------------------------------------------------------------------------- saving
 
 
 def test_disk_full_during_a_save_names_the_disk_and_leaves_no_tmp(tmp_path, monkeypatch):
@@ -215,145 +165,3 @@ def test_disk_full_during_a_save_names_the_disk_and_leaves_no_tmp(tmp_path, monk
         run(out, max_steps=6, checkpoint_interval=2)
     assert checkpoints(out) == ["step_000002"]  # no step_000004.tmp
     assert not (out / LOCK_FILE).exists()
-
-
-# ----------------------------------------------------------------------------- the CLI
-
-
-def _cli(tmp_path: Path, *extra: str) -> list[str]:
-    return ["--preset", "tiny", "--data-dir", str(tmp_path / "data"), "--output-dir",
-            str(tmp_path / "out"), "--no-progress", *extra]
-
-
-def test_cli_output_dir_errors_are_one_line(tmp_path, capsys):
-    write_data(tmp_path / "data", 16)
-    (tmp_path / "out").write_text("not a dir")
-    with pytest.raises(SystemExit) as info:
-        main(_cli(tmp_path, "--max-steps", "2"))
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: NotADirectoryError: output_dir=") and err.count("\n") == 1
-
-
-def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
-    # before: a KeyboardInterrupt traceback
-    write_data(tmp_path / "data", 32)
-    real_save = lowvram.checkpoints.save_checkpoint
-
-    def save_then_interrupt(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt  # Ctrl-C right after the first checkpoint
-
-    monkeypatch.setattr(lowvram.checkpoints, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(SystemExit) as info:
-        main(_cli(tmp_path, "--max-steps", "4", "--checkpoint-every", "2"))
-    assert info.value.code == 130
-    err = capsys.readouterr().err.strip()
-    assert err == (f"interrupted: the last checkpoint is {tmp_path / 'out' / 'checkpoints' / 'step_000002'}; "
-                   f"resume with: python -m lowvram.train --preset tiny --data-dir {tmp_path / 'data'} "
-                   f"--output-dir {tmp_path / 'out'} --no-progress --max-steps 4 "
-                   "--checkpoint-every 2 --resume-from latest")
-    monkeypatch.undo()
-    assert not (tmp_path / "out" / LOCK_FILE).exists()  # the lock went with it
-    main(_cli(tmp_path, "--max-steps", "4", "--checkpoint-every", "2", "--resume-from", "latest"))
-    assert latest_checkpoint(tmp_path / "out").name == "step_000004"
-
-
-# ----------------------------------------------------------------------------- messages
-
-
-def test_misleading_messages_fixed(tmp_path):
-    from lowvram.config import TrainConfig
-    from lowvram.data import check_rows
-    from lowvram.failures import non_finite_message
-
-    # a uint16 train_data.pt (nanoGPT's format) was refused: "token ids must be integers"
-    ids = check_rows(rows(4).to(torch.uint16), MODEL, "train_data")
-    assert ids.dtype == torch.long and torch.equal(ids, rows(4))
-    # --seed -1 said "0 turns it off"
-    with pytest.raises(ValueError, match=r"seed=-1 is not allowed: seed must be an integer >= 0 "
-                                         r"\(the RNG seed") as info:
-        TrainConfig(seed=-1)
-    assert "turns it off" not in str(info.value)
-    # a NaN at lr 0 (a resumed, already broken state) blamed the learning rate
-    record = {"step": 5, "epoch": 0, "lr": 0.0, "loss": float("nan"), "grad_norm": 1.0}
-    message = non_finite_message(record, "the loss is nan", steps_done=4, last_checkpoint=None,
-                                 history_file="h.json", precision="no", has_scaler=False,
-                                 max_lr=1e-3)
-    assert "not the learning rate: this step ran at lr=0.00e+00" in message
-    assert "too high" not in message
-
-
-def test_cpu_out_of_memory_gets_the_planners_advice(tmp_path):
-    # before: a raw RuntimeError; only CUDA OOM was translated
-    from lowvram.failures import TrainingOutOfMemoryError
-
-    def hook(model):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: "
-                           "can't allocate memory: you tried to allocate 4294967296 bytes.")
-
-    with pytest.raises(TrainingOutOfMemoryError) as info:
-        run(tmp_path / "oom", max_steps=2, on_optimizer_step=hook)
-    message = str(info.value)
-    assert message.startswith("The CPU ran out of memory (host RAM) during training ([enforce")
-    assert "The memory planner (lowvram.memory) says, for this model on a " in message
-    assert "close other programs that use much RAM" in message
-    assert not (tmp_path / "oom" / LOCK_FILE).exists()
-    run(tmp_path / "again", max_steps=1)  # the next run can start an Accelerator again
-
-
-def test_another_optimizer_is_another_run(tmp_path):
-    """AdamW's state cannot continue as AdamW8bit's (it was a KeyError: 'exp_avg')."""
-    from lowvram import checkpoints as ck
-
-    def identity(optimizer):
-        return ck.run_identity(MODEL, TRAIN.replace(optimizer=optimizer), 1, 8, "abc")
-
-    manifest_8bit = {"model": identity("adamw8bit")["model"], "num_processes": 1,
-                     "batches_per_epoch": 8, "train_data_sha256": "abc",
-                     "train": {**TRAIN.replace(optimizer="adamw8bit").__dict__}}
-    why = ck._mismatch(tmp_path, ck._identity_of(manifest_8bit), identity("adamw"))
-    assert why.startswith("was written with optimizer='adamw8bit', this run has optimizer='adamw'")
-    assert "--optimizer adamw8bit" in why
-    assert ck._mismatch(tmp_path, ck._identity_of(manifest_8bit), identity("adamw8bit")) is None
-    older = {**manifest_8bit, "train": {k: v for k, v in manifest_8bit["train"].items()
-                                        if k != "optimizer"}}
-    assert ck._mismatch(tmp_path, ck._identity_of(older), identity("adamw")) is None
-
-
-def test_interrupted_message_drops_resume_and_overwrite(tmp_path):
-    from lowvram.failures import interrupted_message
-
-    assert interrupted_message(tmp_path, ["--preset", "tiny"]) == (
-        f"interrupted: no checkpoint was saved yet in {tmp_path}; start again with the same command")
-    (tmp_path / "checkpoints" / "step_000003").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "step_000003" / "manifest.json").write_text("{}")
-    line = interrupted_message(tmp_path, ["--preset", "tiny", "--overwrite-output-dir",
-                                          "--resume-from", "x", "--resume-from=y", "--seed", "3"])
-    assert line.endswith("resume with: python -m lowvram.train --preset tiny --seed 3 "
-                         "--resume-from latest")
-
-
-class _OneProcess:
-    is_main_process = True
-
-    def wait_for_everyone(self):
-        pass
-
-
-def test_claim_output_dir_locks_and_overwrites_only_when_asked(tmp_path):
-    from lowvram.outputdir import claim_output_dir
-
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "history.json").write_text("{}")  # another run's
-    lock = OutputDirLock(out)
-    with pytest.raises(FileExistsError, match="already holds another run's history.json"):
-        claim_output_dir(_OneProcess(), lock, fresh=True, overwrite=False, num_parameters=10)
-    assert not lock.held and (out / "history.json").exists()
-    claim_output_dir(_OneProcess(), lock, fresh=False, overwrite=False, num_parameters=10)  # resume
-    assert lock.held and (out / "history.json").exists()
-    lock.release()
-    claim_output_dir(_OneProcess(), lock, fresh=True, overwrite=True, num_parameters=10)
-    assert lock.held and not (out / "history.json").exists()
-    lock.release()

@@ -112,3 +112,11 @@ def test_config_table_shows_its_text_to_nbval():
     table = config_table(*get_preset("rtx2050"))
     assert repr(table) == str(table)
     assert table._repr_markdown_() == str(table)
+
+
+def test_a_negative_seed_is_refused_without_a_false_promise():
+    # before: --seed -1 said "0 turns it off"
+    with pytest.raises(ValueError, match=r"seed=-1 is not allowed: seed must be an integer >= 0 "
+                                         r"\(the RNG seed") as info:
+        TrainConfig(seed=-1)
+    assert "turns it off" not in str(info.value)

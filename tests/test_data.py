@@ -525,3 +525,10 @@ def test_training_rows_checks_given_rows_and_caps_val(tmp_path):
         training_rows(CFG, train_config, train, val[:, :-1])  # a row too short for the model
     with pytest.raises(FileNotFoundError):
         training_rows(CFG, train_config)  # nothing in data_dir
+
+
+def test_uint16_rows_are_widened_not_refused():
+    # before: a uint16 train_data.pt (nanoGPT's format) was refused: "token ids must be integers"
+    model, _ = get_preset("tiny")
+    ids = data_mod.check_rows(data_mod.random_rows(model, 4, 0).to(torch.uint16), model, "train_data")
+    assert ids.dtype == torch.long and torch.equal(ids, data_mod.random_rows(model, 4, 0))

@@ -231,3 +231,14 @@ def test_one_process_launch(monkeypatch):
     assert "accelerate launch --multi_gpu --num_processes 2" in one_process_launch()
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: several processes
     assert one_process_launch() is None
+
+
+@pytest.mark.parametrize(("cores", "threads", "processes", "expected"),
+                         [(2, 3, 2, 1), (8, 3, 2, 3), (8, 8, 2, 4), (2, 2, 4, 1)])
+def test_cpu_processes_never_oversubscribe_the_cores(monkeypatch, cores, threads, processes,
+                                                     expected):
+    from lowvram.environment import threads_per_process
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert threads_per_process(processes) == expected
