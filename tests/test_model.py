@@ -180,3 +180,17 @@ def test_token_range_is_checked_on_cpu_always_and_elsewhere_once_per_device():
         model(cpu)
     with pytest.raises(ValueError, match="vocab_size=96 allows only"):
         model(cpu + TINY.vocab_size)
+
+
+def test_a_caller_that_checked_its_rows_turns_the_range_check_off():
+    """train() checks its rows once when loaded and sets check_token_range = False: its model
+    reads no token id back per forward. A learner's model keeps the check."""
+    model, other = _model(), _model()
+    assert model.check_token_range and other.check_token_range
+    model.check_token_range = False
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    assert not model._range_check_due(idx) and other._range_check_due(idx)
+    with pytest.raises(IndexError):  # unchecked, a bad id reaches nn.Embedding
+        model(idx + TINY.vocab_size)
+    with pytest.raises(ValueError, match="vocab_size=96 allows only"):
+        other(idx + TINY.vocab_size)

@@ -20,6 +20,7 @@ from conftest import MODEL, REPO, TRAIN, max_diff, rows, run, weights, write_dat
 
 import lowvram
 from lowvram.config import get_preset
+from lowvram.failures import NonFiniteLossError
 from lowvram.model import GPTModel
 from lowvram.train import (
     count_optimizer_steps,
@@ -227,6 +228,30 @@ def test_progress_bar_on_main_process(tmp_path, capsys):
     tc = TRAIN.replace(output_dir=str(tmp_path / "bar"), max_steps=2)
     train(MODEL, tc, train_data=rows(32), val_data=rows(8, seed=1))
     assert "train: 100%" in capsys.readouterr().err
+
+
+def test_a_nan_is_seen_at_the_next_read_and_never_saved(tmp_path, monkeypatch):
+    """The step records are read at log steps (here every 4th) and before each save (every
+    3rd): a NaN loss at step 5 stops the run at step 6's save, before it, naming step 5."""
+    real_forward, forwards = GPTModel.forward, []
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            forwards.append(1)
+            if len(forwards) >= 9:  # step 5's micro-batches are the 9th and 10th
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPTModel, "forward", forward)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="stopped at optimizer step 5 .*the loss is nan"):
+        run(out, max_steps=8, log_interval=4, checkpoint_interval=3)
+    assert len(forwards) == 6 * 2  # it ran on to step 6, the next read
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003"]
+    history = json.loads((out / "history.json").read_text())
+    assert [s["step"] for s in history["steps"]] == [1, 2, 3, 4]
+    assert history["error"]["step"] == 5
 
 
 # ----------------------------------------------------------------------------- precision
@@ -499,6 +524,20 @@ def test_train_reads_no_tensor_value_per_micro_batch_or_step(tmp_path, monkeypat
     assert [len(r) for r in per_step] == [reads_per_step] * 5, per_step
     if reads_per_step:
         assert all(r[0].startswith("tolist history.py:") for r in per_step)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "no"])
+def test_train_on_cuda_reads_no_tensor_value_between_log_steps(tmp_path, monkeypatch, precision):
+    """On CUDA each read is a sync. fp16 adds the GradScaler: its scale and skipped flag stay on
+    the device too (torch's own found_inf check inside scaler.step is torch's, not counted)."""
+    per_step = _reads_per_step(tmp_path, monkeypatch, log_interval=1000,
+                               mixed_precision=precision)
+    assert [len(r) for r in per_step] == [0] * 5, per_step
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history["precision"] in (precision, "fp16")  # bf16 falls back on pre-Ampere cards
+    assert (history["steps"][0]["loss_scale"] is not None) == (history["precision"] == "fp16")
 
 
 def test_the_host_read_count_sees_the_models_old_input_check(tmp_path, monkeypatch):
