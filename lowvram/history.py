@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepLog", "new_history"]
+__all__ = ["StepLog", "log_line", "new_history"]
 
 
 def new_history(model_config, train_config, *, precision: str, reason: str, advice: str | None,
@@ -31,6 +31,12 @@ def new_history(model_config, train_config, *, precision: str, reason: str, advi
         "total_steps": total_steps, "warmup_steps": warmup_steps,
         "steps": [], "skipped_steps": 0, "val": [], "final_val_loss": None, "final_lr": None,
     }  # fmt: skip
+
+
+def log_line(record: dict[str, Any], total_steps: int) -> str:
+    """The line ``train`` prints for a step record every ``log_interval`` steps."""
+    return (f"step {record['step']:>6}/{total_steps} | epoch {record['epoch']} | loss "
+            f"{record['loss']:.4f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f}")
 
 
 class StepLog:

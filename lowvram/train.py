@@ -60,7 +60,7 @@ from lowvram.failures import (
     out_of_memory_in,
     stop_non_finite,
 )
-from lowvram.history import StepLog, new_history
+from lowvram.history import StepLog, log_line, new_history
 from lowvram.model import GPTModel
 from lowvram.optim import OPTIMIZERS, build_optimizer
 from lowvram.precision import force_grad_scaler, precision_advice, resolve_precision
@@ -94,6 +94,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     before clipping. Raises ValueError (bad data, settings or checkpoint), FileNotFoundError,
     OSError (an output dir that is a file, read-only, full, locked or another run's),
     NonFiniteLossError (NaN/inf) and TrainingOutOfMemoryError (with the planner's advice).
+
+    No tensor value is read back per micro-batch or per step (on a GPU each read waits for it):
+    the step records stay on the device until a log step, an evaluation, a checkpoint or the
+    end (``lowvram.history.StepLog``). So a NaN/inf step stops the run up to ``log_interval``
+    steps late, but always before anything is saved after it.
     """
     # 1. Configuration: the device and the precision are decided once, before the Accelerator.
     # lesson: module constants (BLOCK_SIZE, BATCH_SIZE, ...); here the two config dataclasses
@@ -186,11 +191,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
                 history["steps"].append(record)
                 history["skipped_steps"] += record["skipped"]  # fp16 overflow: the scaler skipped it
                 if _due(record["step"], train_config.log_interval):
-                    accelerator.print(
-                        f"step {record['step']:>6}/{total_steps} | epoch {record['epoch']} | loss "
-                        f"{record['loss']:.4f} | lr {record['lr']:.2e} | grad norm "
-                        f"{record['grad_norm']:.3f}"
-                    )
+                    accelerator.print(log_line(record, total_steps))
 
         def evaluate() -> None:  # once per step
             if not history["val"] or history["val"][-1]["step"] != loop.step:

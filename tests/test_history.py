@@ -12,7 +12,7 @@ from conftest import REPO, TRAIN
 
 from lowvram.checkpoints import LoopState
 from lowvram.config import ModelConfig
-from lowvram.history import StepLog, new_history
+from lowvram.history import StepLog, log_line, new_history
 
 
 class FakeAccelerator:
@@ -60,6 +60,8 @@ def test_steps_are_kept_on_the_device_and_read_in_one_go():
     assert second == {"step": 2, "epoch": 1, "tokens": 48 + 2 * 8, "loss": 4.0, "lr": 5e-4,
                       "grad_norm": 0.25, "loss_scale": None, "skipped": False}
     assert loop.tokens == 64
+    assert log_line(second, total_steps=10) == (
+        "step      2/10 | epoch 1 | loss 4.0000 | lr 5.00e-04 | grad norm 0.250")
     assert steps.read(loop) == []  # read once
     steps.close()
 
