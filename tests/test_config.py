@@ -1,5 +1,4 @@
 import dataclasses
-import math
 
 import pytest
 
@@ -37,8 +36,8 @@ def test_effective_batch_is_derived_not_stored():
 def test_presets_are_reachable_by_name_and_valid():
     assert set(PRESETS) == {"rtx2050", "cpu-demo", "tiny"}
     for name in PRESETS:
-        model, train = get_preset(name)
-        assert isinstance(model, ModelConfig) and isinstance(train, TrainConfig)
+        assert get_preset(name) is PRESETS[name]
+        assert get_preset(name)[1].output_dir == f"runs/{name}"  # each preset's runs go to a dir of its own
     with pytest.raises(ValueError, match=r"preset='nope'.*cpu-demo, rtx2050, tiny"):
         get_preset("nope")
 
@@ -89,9 +88,12 @@ def test_bad_model_values(changes, words):
         ModelConfig(**changes)
 
 
-def test_model_config_head_size():
-    assert ModelConfig().head_size == 64
-    assert math.isclose(ModelConfig(n_embd=128, n_head=4).head_size, 32)
+def test_model_config_head_size_is_what_the_attention_uses():
+    from lowvram.model import GPTModel
+
+    config = ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=4, n_embd=32)
+    assert ModelConfig().head_size == 768 // 12 == 64
+    assert GPTModel(config).blocks[0].attn.head_size == config.head_size == 8
 
 
 def test_config_table_has_seed_columns_and_values():
