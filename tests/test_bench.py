@@ -226,3 +226,87 @@ def test_notebook_env_is_the_makefiles(monkeypatch) -> None:
     assert len(modules) > 1  # the package and its modules, where the code is
     for module in modules:
         assert not hasattr(module, "_NB_ENV"), module.__name__
+
+
+# --------------------------------------------------------------------------- the GPU part
+
+
+def _gpu_results() -> dict:
+    """What ``run_gpu`` returns, made up (the GPU part itself is in tests/test_gpu.py)."""
+    row = {"name": "fp16 4 x 4 (the lesson's)", "precision": "fp16", "micro_batch": 4,
+           "gradient_accumulation_steps": 4, "optimizer": "adamw", "adamw_impl": None,
+           "loss_chunk_size": 0, "tokens_per_step": 4096, "steps": 10, "warmup": 3,
+           "lowvram_median_ms": 93.1, "plain_median_ms": 72.7, "ratio": 93.1 / 72.7,
+           "lowvram_tokens_per_s": 4096 / 0.0931, "plain_tokens_per_s": 4096 / 0.0727,
+           "lowvram_peak_bytes": 3201 * 2**20, "plain_peak_bytes": 3100 * 2**20}
+    fast = {**row, "name": "bf16 4 x 4", "lowvram_median_ms": 50.0, "plain_median_ms": 49.0,
+            "ratio": 50.0 / 49.0}
+    return {"gpu": {"name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8,
+                    "torch": "2.11.0+cu130", "cuda": "13.0", "accelerate": "1.15.0",
+                    "python": "3.12.3"},
+            "started_utc": "2026-12-04 16:30 UTC", "total_s": 75.0, "rows": [row, fast],
+            "notes": ["16 x 1 row 'fp16 + chunked loss + 8-bit AdamW': not run: no bitsandbytes"]}
+
+
+def test_gpu_table_states_times_ratio_tokens_and_peaks() -> None:
+    from lowvram._bench.gpu import format_gpu_table
+
+    lines = format_gpu_table(_gpu_results()).splitlines()
+    assert lines[2] == ("| fp16 4 x 4 (the lesson's) | 93.1 | 72.7 | **1.281** | 43,996 | 56,341 | "
+                        "3,201 / 3,100 MiB | **no** |")
+    assert lines[3].startswith("| bf16 4 x 4 | 50.0 | 49.0 | **1.020** |") and lines[3].endswith("| yes |")
+    assert lines[-1] == "- 16 x 1 row 'fp16 + chunked loss + 8-bit AdamW': not run: no bitsandbytes"
+
+
+def test_gpu_readme_section_names_the_gpu_and_goes_between_its_markers(tmp_path: Path) -> None:
+    from lowvram._bench.gpu import (
+        GPU_README_END,
+        GPU_README_START,
+        gpu_readme_section,
+        not_measured_section,
+    )
+
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    before = readme.read_text()
+    section = gpu_readme_section(_gpu_results(), "python -m lowvram._bench --gpu --write-readme")
+    assert "- **GPU:** NVIDIA H200 (compute capability 9.0, 140 GiB), torch 2.11.0+cu130" in section
+    bench.write_readme(section, readme, GPU_README_START, GPU_README_END)
+    text = readme.read_text()
+    start, end = text.index(GPU_README_START), text.index(GPU_README_END)
+    assert "| fp16 4 x 4 (the lesson's) | 93.1 |" in text[start:end]
+    # the CPU section and everything else are untouched
+    assert text[:start] == before[:before.index(GPU_README_START)]
+    assert text[end:] == before[before.index(GPU_README_END):]
+    assert "ran without a CUDA GPU (no GPU here)" in not_measured_section("no GPU here")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_gpu_flag_without_cuda_writes_not_measured(tmp_path: Path, capsys) -> None:
+    from lowvram._bench.gpu import GPU_README_END, GPU_README_START
+
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    assert bench.main(["--gpu", "--json", "--write-readme", "--readme", str(readme)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu"] is None and out["rows"] == [] and "not measured" in out["notes"][0]
+    text = readme.read_text()
+    section = text[text.index(GPU_README_START):text.index(GPU_README_END)]
+    assert "Not measured: the last `make bench`" in section
+    assert "torch.cuda.is_available() is False" in section
+
+
+def test_gpu_flag_refuses_the_cpu_parts_options(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--gpu", "--quick"])
+    assert "--gpu takes no --quick/--tiny/--threads" in capsys.readouterr().err
+
+
+def test_make_bench_runs_the_gpu_part_and_cpu_targets_hide_cuda() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert "NB_ENV := PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES=\n" in makefile
+    assert "\t$(PY) -m lowvram._bench --gpu --write-readme\n" in makefile  # CUDA visible
+    for target in ("test-native", "notebooks"):
+        recipe = makefile.split(f"\n{target}:")[1].split("\n\n")[0]
+        assert "$(NB_ENV)" in recipe, target
+    assert "env $$cpu $(NB_ENV)" in makefile  # test-portable

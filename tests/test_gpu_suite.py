@@ -1,0 +1,115 @@
+"""``make test-gpu``'s orchestration (tests/gpu_suite.py) on the CPU: what it does without CUDA,
+how it goes on past a failing part, and the summary it writes. The parts themselves need a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gpu_suite
+import pytest
+from conftest import REPO
+
+
+def test_without_a_gpu_every_part_is_skipped_and_the_exit_status_is_0(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "cuda_state", lambda: ("none", "no CUDA: no NVIDIA GPU"))
+    assert gpu_suite.run_suite(out=tmp_path) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["result"] == "SKIPPED: no CUDA on this machine (exit 0)"
+    assert set(summary["parts"]) == set(gpu_suite.PARTS)
+    assert all(p["skipped"] for p in summary["parts"].values())
+    assert "[SKIPPED] notebooks" in (tmp_path / "summary.txt").read_text()
+
+
+def test_a_gpu_that_torch_cannot_use_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "cuda_state", lambda: ("broken", "a GPU, a CPU build of torch"))
+    assert gpu_suite.run_suite(out=tmp_path) == 1
+    assert "FAILED: a GPU, a CPU build of torch" in (tmp_path / "summary.txt").read_text()
+
+
+def test_a_failing_or_crashing_part_does_not_stop_the_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "cuda_state", lambda: ("ok", "CUDA: a fake GPU"))
+    ran = []
+
+    def part(name, result):
+        def run(out, seconds):
+            ran.append(name)
+            assert seconds > 0
+            if result is None:
+                raise RuntimeError("boom")
+            return result
+        return run
+
+    runners = {
+        "pytest": part("pytest", {"passed": False, "summary": "1 failed, 7 passed"}),
+        "notebooks": part("notebooks", {"passed": True, "summary": "12 of 12", "notebooks": {
+            "25_0_hazirliq.ipynb": {"passed": True, "seconds": 3.0, "error": None}}}),
+        "plan": part("plan", None),
+        "bench": part("bench", {"passed": True, "summary": "3 configurations", "table": "| t |"}),
+    }
+    assert gpu_suite.run_suite(out=tmp_path, runners=runners, budget=60) == 1
+    assert sorted(ran) == sorted(gpu_suite.PARTS) and ran[-1] == "bench"  # the bench alone, last
+    text = (tmp_path / "summary.txt").read_text()
+    assert "[FAILED] pytest" in text and "1 failed, 7 passed" in text
+    assert "[FAILED] plan" in text and "the part crashed: RuntimeError: boom" in text
+    assert "[passed] notebooks" in text and "ok   25_0_hazirliq.ipynb (3 s)" in text
+    assert "bench:\n| t |" in text
+    assert text.rstrip().endswith("RESULT: FAILED: pytest, plan")
+
+
+def test_only_the_parts_asked_for_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "cuda_state", lambda: ("ok", "CUDA: a fake GPU"))
+    runners = {name: (lambda out, s: {"passed": True, "summary": "ok"}) for name in gpu_suite.PARTS}
+    assert gpu_suite.run_suite(["plan"], out=tmp_path, runners=runners) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["parts"]) == ["plan"] and summary["result"] == "PASSED: every part"
+
+
+def test_results_go_to_OUT_when_it_is_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path / "device-out"))
+    assert gpu_suite.out_dir() == tmp_path / "device-out"
+    monkeypatch.delenv("OUT")
+    assert gpu_suite.out_dir() == REPO / "build" / "gpu"
+
+
+def test_notebook_kernels_import_this_repository(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    env = gpu_suite.child_env()
+    assert env["PYTHONPATH"].split(":")[:2] == [str(REPO), "/elsewhere"]
+    assert "MPLBACKEND" not in env and env["PYTHONHASHSEED"] == "0"
+
+
+def test_every_notebook_and_solution_is_in_the_run_grouped_by_lesson():
+    paths = gpu_suite.notebook_paths()
+    names = {p.name for p in paths}
+    assert {p.name for p in (REPO / "notebooks").glob("*.ipynb")} <= names
+    assert {p.name for p in (REPO / "notebooks" / "solutions").glob("*.ipynb")} <= names
+    assert gpu_suite._lesson(REPO / "notebooks" / "solutions" / "25_3_heller.ipynb") == "25_3"
+
+
+def test_a_notebook_that_raises_is_reported_failed_with_its_error(tmp_path):
+    pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    good, bad = tmp_path / "25_8_good.ipynb", tmp_path / "25_9_bad.ipynb"
+    for path, code in ((good, "print(1 + 1)"), (bad, "raise ValueError('broken cell')")):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                     "language": "python"}
+        nbformat.write(nb, path)
+    result = gpu_suite.part_notebooks(tmp_path / "out", timeout=120, notebooks=[good, bad])
+    assert not result["passed"]
+    assert result["notebooks"]["25_8_good.ipynb"]["passed"]
+    assert "broken cell" in result["notebooks"]["25_9_bad.ipynb"]["error"]
+    assert result["summary"] == "1 of 2 notebooks ran on CUDA without an error; failed: 25_9_bad.ipynb"
+    executed = nbformat.read(tmp_path / "out" / "notebooks" / "25_8_good.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "2\n"
+
+
+def test_the_makefile_target_runs_the_suite():
+    makefile = (REPO / "Makefile").read_text()
+    assert "test-gpu: install data\n\tPYTHONHASHSEED=0 $(PY) tests/gpu_suite.py\n" in makefile
+    proc = subprocess.run([sys.executable, "tests/gpu_suite.py", "--parts", "nope"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--parts nope is not allowed" in proc.stderr

@@ -1,0 +1,135 @@
+"""lowvram.verify on the CPU: the cap arithmetic, the configs of a plan row, what is printed,
+and the clear error without CUDA. The real runs are in tests/test_gpu.py (marked gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowvram import memory, verify
+from lowvram.config import TrainConfig, get_preset
+from lowvram.memory import Recipe
+
+MiB = 2**20
+GiB = 2**30
+H200 = 150_110_011_392  # bytes torch.cuda.mem_get_info reports as total on an H200
+
+
+def test_cap_fraction_leaves_the_card_minus_its_context_to_the_allocator():
+    fraction, card = verify.cap_fraction(4 * GiB, 767 * MiB, H200)
+    assert card == 4 * GiB
+    assert fraction * H200 == pytest.approx(4 * GiB - 767 * MiB, abs=1)
+    assert fraction == pytest.approx((4096 - 767) * MiB / H200)
+
+
+def test_cap_fraction_on_a_gpu_smaller_than_the_card_uses_the_gpu():
+    # a "4 GB" RTX 2050 reports a little less than 4 GiB: verify against the card itself
+    total = 4_093_640_704
+    fraction, card = verify.cap_fraction(4 * GiB, 300 * MiB, total)
+    assert card == total
+    assert fraction == pytest.approx((total - 300 * MiB) / total)
+
+
+@pytest.mark.parametrize(("card", "context", "total", "message"), [
+    (1 * GiB, 1 * GiB, H200, "takes the whole card"),
+    (1 * GiB, 2 * GiB, H200, "close other programs that use the GPU"),
+    (-1, 0, H200, "card_bytes=-1 is not allowed"),
+    (GiB, -5, H200, "context_bytes=-5 is not allowed"),
+    (GiB, 0, 0, "both must be > 0"),
+    (4.0, 0, H200, "card_bytes=4.0 is not allowed"),
+])
+def test_cap_fraction_rejects_what_cannot_be_emulated(card, context, total, message):
+    with pytest.raises(ValueError, match=message):
+        verify.cap_fraction(card, context, total)
+
+
+def test_configs_for_a_plan_row_carry_its_recipe():
+    model, train = get_preset("rtx2050")
+    recipe = Recipe("lean", "fp16", "adamw8bit", tie_embeddings=True, loss_chunk_size=256)
+    m, t = verify.configs_for(model, train, recipe, 16, 1)
+    assert (m.tie_embeddings, m.loss_chunk_size, m.gradient_checkpointing) == (True, 256, False)
+    assert (t.mixed_precision, t.optimizer) == ("fp16", "adamw8bit")
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (16, 1)
+    assert (m.n_layer, m.vocab_size, t.max_lr) == (model.n_layer, model.vocab_size, train.max_lr)
+
+
+@pytest.mark.skipif("adamw_impl" in TrainConfig.__dataclass_fields__,
+                    reason="TrainConfig can say the AdamW kernel")
+def test_configs_for_refuses_a_kernel_train_cannot_run():
+    model, train = get_preset("rtx2050")
+    with pytest.raises(ValueError, match="adamw_impl='fused' cannot be trained yet"):
+        verify.configs_for(model, train, Recipe("f", "fp16", adamw_impl="fused"), 4, 4)
+    # foreach is what train() runs on CUDA anyway; 8-bit ignores the kernel
+    verify.configs_for(model, train, Recipe("f", "fp16"), 4, 4)
+    verify.configs_for(model, train, Recipe("f", "fp16", "adamw8bit", adamw_impl="fused"), 4, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_without_cuda_verify_says_why(capsys):
+    model, train = get_preset("tiny")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        verify.verify_training(model, train)
+    assert verify.verify_cli(model, train) == 2
+    assert "error: --verify-gpu needs a CUDA GPU" in capsys.readouterr().err
+    assert verify.main(["--preset", "tiny", "--plan"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    # the memory CLI's --verify-gpu is the same check, with its accumulation
+    assert memory.main(["--preset", "tiny", "--verify-gpu"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        verify.main(["--preset", "gpt5"])
+    assert "preset='gpt5' is unknown" in capsys.readouterr().err
+
+
+def _fake_result(**changes) -> dict:
+    r = {
+        "outcome": "fits", "fits": True, "error": None, "device": "NVIDIA H200",
+        "capability": [9, 0], "gpu_total_bytes": H200, "card_gib": 4.0, "card_bytes": 4 * GiB,
+        "card_is_the_gpu": False, "context_bytes": 767 * MiB, "context_measured_bytes": 767 * MiB,
+        "context_after_bytes": 800 * MiB, "cap_fraction": 0.02, "cap_bytes": 3329 * MiB,
+        "baseline_allocated_bytes": 32 * MiB, "predicted_allocated_bytes": 3200 * MiB,
+        "predicted_reserved_bytes": 3300 * MiB, "predicted_fits": True,
+        "accumulation_modelled": True, "measured_allocated_bytes": 3232 * MiB,
+        "measured_reserved_bytes": 3310 * MiB, "allocated_error": 3200 / 3232 - 1,
+        "reserved_error": 3300 / 3310 - 1, "precision": "fp16", "micro_batch": 4,
+        "gradient_accumulation_steps": 4, "optimizer": "adamw", "adamw_impl": "foreach",
+        "tie_embeddings": False, "gradient_checkpointing": False, "loss_chunk_size": 0,
+        "steps": 2, "steps_run": 2, "losses": [10.4, 10.3], "loss_scales": [65536.0, 65536.0],
+        "skipped_steps": 0, "predict_s": 1.0, "run_s": 3.0,
+    }
+    return {**r, **changes}
+
+
+def test_format_result_prints_predicted_measured_context_and_verdict():
+    text = verify.format_result(_fake_result())
+    assert "max_memory_allocated: predicted 3,200 MiB, measured 3,232 MiB (-1.0%)" in text
+    assert "max_memory_reserved: predicted 3,300 MiB, measured 3,310 MiB (-0.3%)" in text
+    assert "767 MiB, measured 767 MiB before the run and 800 MiB after it" in text
+    assert "allocator capped at 3,329 MiB" in text
+    assert "result: fits (2 steps, losses 10.4000, 10.3000); the card needs 4,110 of 4,096 MiB" in text
+    assert "more than the card" in text  # 3,310 reserved + 800 outside > 4,096
+    assert "more than the card" not in verify.format_result(_fake_result(context_after_bytes=700 * MiB))
+    oom = verify.format_result(_fake_result(fits=False, outcome="ran out of memory",
+                                            error="CUDA out of memory. Tried to allocate 20 MiB",
+                                            accumulation_modelled=False))
+    assert "result: ran out of memory (CUDA out of memory. Tried to allocate 20 MiB)" in oom
+    assert "does not model the accumulation" in oom
+
+
+def test_format_plan_table_marks_each_row():
+    rows = [
+        {"recipe": "fp16 (the lesson's choice)", **_fake_result(), "passed": True, "note": ""},
+        {"recipe": "fp16 + fused AdamW", **_fake_result(allocated_error=-0.05),
+         "passed": False, "note": "allocated peak off by -5.0% (tolerance 3%)"},
+        {"recipe": "fp32 (lesson baseline)", "micro_batch": 2, "gradient_accumulation_steps": 8,
+         "planned_fits": True, "passed": None, "note": "skipped: no bitsandbytes"},
+    ]
+    lines = verify.format_plan_table(rows).splitlines()
+    assert len(lines) == 5
+    assert lines[2].startswith("| fp16 (the lesson's choice) | 4 x 4 | 3,200 | 3,232 | -1.0% |")
+    assert lines[2].endswith("| fits | yes |")
+    assert lines[3].endswith("| **NO**: allocated peak off by -5.0% (tolerance 3%) |")
+    assert lines[4] == "| fp32 (lesson baseline) | 2 x 8 | | | | | | skipped: no bitsandbytes | - |"
