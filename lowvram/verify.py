@@ -57,6 +57,7 @@ from lowvram.config import OPTIMIZERS, PRECISIONS, ModelConfig, TrainConfig, get
 
 __all__ = [
     "PLAN_TOLERANCE",
+    "bitsandbytes_problem",
     "cap_fraction",
     "configs_for",
     "format_result",
@@ -75,6 +76,24 @@ PLAN_TOLERANCE = 0.03  # a plan row's measured allocated peak must be within 3% 
 
 def _mib(n: int | float) -> str:
     return f"{n / MiB:,.0f}"
+
+
+def _check_card(card_gib: object) -> None:
+    ok = isinstance(card_gib, (int, float)) and not isinstance(card_gib, bool)
+    if not (ok and 0 < card_gib <= 4096):  # type: ignore[operator]
+        raise ValueError(f"card_gib={card_gib!r} is not allowed: give the card's memory in GiB "
+                         "(0 < card_gib <= 4096), e.g. 4.0")
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes (8-bit AdamW) cannot be used here, or None if it can."""
+    try:
+        from lowvram.optim import _bitsandbytes
+
+        _bitsandbytes()
+    except Exception as err:  # ImportError, or a CUDA library that does not load
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 # --------------------------------------------------------------------------- the cap
@@ -197,13 +216,12 @@ def verify_training(
         the whole card.
     """
     from lowvram.data import random_rows
-    from lowvram.memory import check_card
     from lowvram.precision import resolve_precision
     from lowvram.train import train
 
     if not torch.cuda.is_available():
         raise RuntimeError(_no_cuda_message())
-    check_card(card_gib)
+    _check_card(card_gib)
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
         raise ValueError(f"steps={steps!r} is not allowed: give optimizer steps in [1, 100], e.g. 2")
     device = torch.device("cuda")
@@ -347,12 +365,12 @@ def verify_plan(model_config: ModelConfig, train_config: TrainConfig, *, card_gi
         try:
             model_cfg, train_cfg = configs_for(model_config, train_config, row.recipe,
                                                row.micro_batch, accumulation)
-            if row.recipe.optimizer == "adamw8bit":
-                from lowvram.optim import _bitsandbytes
-
-                _bitsandbytes()
-        except (ValueError, ImportError) as err:
+        except ValueError as err:
             results.append({**head, "passed": None, "note": f"skipped: {err}"})
+            continue
+        problem = bitsandbytes_problem() if row.recipe.optimizer == "adamw8bit" else None
+        if problem:
+            results.append({**head, "passed": None, "note": f"skipped: {problem}"})
             continue
         result = verify_training(model_cfg, train_cfg, card_gib=card_gib, steps=steps,
                                  context_bytes=context_bytes)

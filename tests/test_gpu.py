@@ -15,6 +15,7 @@ import torch
 
 from lowvram.config import ModelConfig, TrainConfig, get_preset
 from lowvram.data import random_rows
+from lowvram.memory import CUDA_CONTEXT_BYTES
 from lowvram.model import GPTModel
 from lowvram.optim import build_optimizer
 from lowvram.train import train
@@ -62,18 +63,19 @@ def test_verify_training_on_a_small_model_fits_and_its_numbers_are_sane():
     assert 0 < r["context_bytes"] < 2 * GiB and r["context_after_bytes"] > 0
     assert r["card_bytes"] == 4 * GiB
     assert r["cap_bytes"] == pytest.approx(4 * GiB - r["context_bytes"], abs=1)
-    assert r["baseline_allocated_bytes"] < 64 * MiB  # nothing else alive in the measurement
+    # the cuBLAS/cuBLASLt workspaces, and nothing else alive in the measurement (no model)
+    assert r["baseline_allocated_bytes"] < 256 * MiB
     assert _allocator_cap_is_lifted()
 
 
 def test_verify_training_reports_running_out_of_memory_and_lifts_the_cap():
-    # a "card" of 1 GiB whose context leaves 32 MiB to the allocator: the model alone is 0.5 GiB
+    # a "card" of 1 GiB whose context leaves 256 MiB to the allocator: the model alone is 0.5 GiB
     r = verify_training(RTX_MODEL, RTX_TRAIN, card_gib=1.0, steps=2,
-                        context_bytes=1 * GiB - 32 * MiB)
+                        context_bytes=1 * GiB - 256 * MiB)
     assert r["outcome"] == "ran out of memory" and not r["fits"]
     assert "out of memory" in r["error"].lower()
-    assert r["steps_run"] == 0 and r["cap_bytes"] == pytest.approx(32 * MiB, abs=1)
-    assert r["measured_reserved_bytes"] <= 32 * MiB
+    assert r["steps_run"] == 0 and r["cap_bytes"] == pytest.approx(256 * MiB, abs=1)
+    assert r["measured_reserved_bytes"] <= r["cap_bytes"]
     assert _allocator_cap_is_lifted()
 
 
@@ -131,14 +133,15 @@ def test_adamw8bit_on_cuda_keeps_8bit_moments_and_learns(tmp_path):
 @pytest.mark.parametrize("shape", ["fp16 4 x 4", "fp16 16 x 1 chunked 8-bit"])
 def test_planner_prediction_is_within_tolerance_of_the_real_train(shape):
     """The planner's CUDA prediction against the real train()'s peak on this GPU (not against
-    the planner's own loop): the lesson's fp16 4 x 4, and 16 x 1 with chunked loss + 8-bit."""
+    the planner's own loop): the lesson's fp16 4 x 4, and 16 x 1 with chunked loss + 8-bit.
+    The card's context is the planner's (an RTX 2050's): a large GPU's own is larger."""
     model, config = RTX_MODEL, RTX_TRAIN.replace(mixed_precision="fp16")
     if shape.startswith("fp16 16"):
         pytest.importorskip("bitsandbytes")
         model = dataclasses.replace(model, loss_chunk_size=256)
         config = config.replace(per_device_train_batch_size=16, gradient_accumulation_steps=1,
                                 optimizer="adamw8bit")
-    r = verify_training(model, config, card_gib=4.0, steps=2)
+    r = verify_training(model, config, card_gib=4.0, steps=2, context_bytes=CUDA_CONTEXT_BYTES)
     assert r["fits"], r["error"]
     assert r["accumulation_modelled"], "lowvram.memory.measure_step takes no accumulation"
     assert abs(r["allocated_error"]) <= PLAN_TOLERANCE, (

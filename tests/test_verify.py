@@ -133,3 +133,81 @@ def test_format_plan_table_marks_each_row():
     assert lines[2].endswith("| fits | yes |")
     assert lines[3].endswith("| **NO**: allocated peak off by -5.0% (tolerance 3%) |")
     assert lines[4] == "| fp32 (lesson baseline) | 2 x 8 | | | | | | skipped: no bitsandbytes | - |"
+
+
+# --------------------------------------------------------------------------- the run, faked
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda answering as an 8 GiB GPU, while train() really runs on the CPU: the
+    orchestration of verify_training (the cap set and lifted, what is returned) without a GPU.
+    Returns the fractions passed to set_per_process_memory_fraction, in order."""
+    import lowvram.train
+
+    fractions: list[float] = []
+    answers = {
+        "is_available": True, "mem_get_info": (8 * GiB - 600 * MiB, 8 * GiB),
+        "memory_reserved": 100 * MiB, "memory_allocated": 40 * MiB,
+        "max_memory_allocated": 300 * MiB, "max_memory_reserved": 320 * MiB,
+        "get_device_capability": (8, 6), "get_device_name": "Fake GPU",
+        "synchronize": None, "empty_cache": None, "reset_peak_memory_stats": None,
+    }
+    for name, value in answers.items():
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _v=value, **k: _v)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device=None: fractions.append(fraction))
+    monkeypatch.setattr(verify, "measure_context", lambda device=None: 500 * MiB)
+    real_train = lowvram.train.train
+    monkeypatch.setattr(lowvram.train, "train", lambda *a, **k: real_train(*a, **{**k, "cpu": True}))
+    return fractions
+
+
+def test_verify_training_caps_runs_and_lifts_the_cap(fake_cuda):
+    model, train = get_preset("tiny")
+    r = verify.verify_training(model, train, card_gib=4.0, steps=2)
+    cap = (4 * GiB - 500 * MiB) / (8 * GiB)
+    assert fake_cuda == [pytest.approx(cap), 1.0]  # capped for the run, then lifted
+    assert r["outcome"] == "fits" and r["error"] is None and r["steps_run"] == 2
+    assert len(r["losses"]) == 2 and all(x == x for x in r["losses"])  # not NaN
+    assert (r["context_bytes"], r["context_measured_bytes"]) == (500 * MiB, 500 * MiB)
+    assert r["context_after_bytes"] == 600 * MiB - 100 * MiB  # used - reserved, after the run
+    assert r["cap_bytes"] == int(cap * 8 * GiB) and r["card_bytes"] == 4 * GiB
+    assert (r["measured_allocated_bytes"], r["measured_reserved_bytes"]) == (300 * MiB, 320 * MiB)
+    predicted = memory.measure_step(model, 2, Recipe("p", "no"), cuda_capability=(8, 6))
+    assert r["predicted_allocated_bytes"] == predicted.peak_bytes
+    assert r["allocated_error"] == pytest.approx(predicted.peak_bytes / (300 * MiB) - 1)
+    assert (r["micro_batch"], r["gradient_accumulation_steps"], r["precision"]) == (2, 2, "no")
+    given = verify.verify_training(model, train, card_gib=1.0, context_bytes=200 * MiB)
+    assert given["context_bytes"] == 200 * MiB and given["cap_bytes"] == int((824 * MiB / (8 * GiB)) * 8 * GiB)
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                                "allocate 2.00 GiB\nmore"),
+                                   ValueError("bad data")])
+def test_verify_training_lifts_the_cap_whatever_train_raises(fake_cuda, monkeypatch, error):
+    import lowvram.train
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(lowvram.train, "train", fail)
+    model, train = get_preset("tiny")
+    if isinstance(error, ValueError):
+        with pytest.raises(ValueError, match="bad data"):
+            verify.verify_training(model, train)
+    else:
+        r = verify.verify_training(model, train)
+        assert r["outcome"] == "ran out of memory" and not r["fits"] and r["steps_run"] == 0
+        assert r["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert fake_cuda[-1] == 1.0 and len(fake_cuda) == 2
+
+
+def test_verify_cli_prints_the_comparison(fake_cuda, capsys):
+    model, train = get_preset("tiny")
+    assert verify.verify_cli(model, train, Recipe("r", "no"), micro_batch=4,
+                             gradient_accumulation_steps=1) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 4 x accumulation 1" in out
+    assert "max_memory_allocated: predicted" in out and "measured 300 MiB" in out
+    assert "result: fits (2 steps" in out

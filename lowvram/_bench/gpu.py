@@ -59,16 +59,6 @@ class GpuSpec:
     train: TrainConfig
 
 
-def _bitsandbytes_problem() -> str | None:
-    try:
-        from lowvram.optim import _bitsandbytes
-
-        _bitsandbytes()
-    except ImportError as err:
-        return str(err)
-    return None
-
-
 def default_gpu_specs(log: Callable[[str], None] = lambda msg: None) -> tuple[list[GpuSpec], list[str]]:
     """The configurations on the rtx2050 model, and notes on any that cannot run here.
 
@@ -78,7 +68,7 @@ def default_gpu_specs(log: Callable[[str], None] = lambda msg: None) -> tuple[li
     with the fewest changes).
     """
     from lowvram.memory import plan
-    from lowvram.verify import configs_for
+    from lowvram.verify import bitsandbytes_problem, configs_for
 
     model, train = get_preset("rtx2050")
     specs = [GpuSpec("fp16 4 x 4 (the lesson's)", model,
@@ -97,7 +87,7 @@ def default_gpu_specs(log: Callable[[str], None] = lambda msg: None) -> tuple[li
         except ValueError as err:
             notes.append(f"16 x 1 row '{row.recipe.name}': not run: {err}")
             continue
-        problem = _bitsandbytes_problem() if row.recipe.optimizer == "adamw8bit" else None
+        problem = bitsandbytes_problem() if row.recipe.optimizer == "adamw8bit" else None
         if problem:
             notes.append(f"16 x 1 row '{row.recipe.name}': not run: {problem}")
             continue
