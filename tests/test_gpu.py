@@ -91,8 +91,12 @@ def test_fp16_train_on_cuda_scales_the_loss_and_matches_fp32(tmp_path):
     assert all(s > 0 and math.log2(s).is_integer() for s in scales)  # halved on overflow only
     assert fp16["skipped_steps"] == sum(s["skipped"] for s in fp16["steps"])
     assert all(s["loss_scale"] is None for s in fp32["steps"])
+    # 16-bit matmuls on the same data and weights: close to fp32 until a step is skipped (an
+    # fp16 overflow leaves the weights as they were, so the runs part ways there)
     for a, b in zip(fp16["steps"], fp32["steps"], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=2e-2)  # 16-bit matmuls, same data
+        assert a["loss"] == pytest.approx(b["loss"], abs=2e-2)
+        if a["skipped"]:
+            break
 
 
 def test_bf16_train_on_cuda_has_no_scaler_and_matches_fp32(tmp_path):

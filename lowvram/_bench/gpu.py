@@ -16,8 +16,10 @@ tokens/s, the ratio train() / plain (goal <= 1.05), and each run's peak allocate
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
+import io
 import platform
 import statistics
 import tempfile
@@ -149,7 +151,8 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 10, warmup: int = 3) -> d
 
     _free()
     lowvram_events: list[torch.cuda.Event] = []
-    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+    with (tempfile.TemporaryDirectory() as out, warnings.catch_warnings(),
+          contextlib.redirect_stdout(io.StringIO())):  # train()'s own lines: not the bench's
         warnings.simplefilter("ignore")
         config = train_config.replace(max_steps=total, num_epochs=1, eval_interval=0,
                                       eval_max_batches=1, checkpoint_interval=0,
