@@ -16,7 +16,7 @@ import torch
 
 from lowvram import _bench as bench
 from lowvram._bench import cli
-from lowvram.config import get_preset
+from lowvram.config import TrainConfig, get_preset
 from lowvram.model import GPTModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,3 +310,69 @@ def test_make_bench_runs_the_gpu_part_and_cpu_targets_hide_cuda() -> None:
         recipe = makefile.split(f"\n{target}:")[1].split("\n\n")[0]
         assert "$(NB_ENV)" in recipe, target
     assert "env $$cpu $(NB_ENV)" in makefile  # test-portable
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the host clock (the GPU bench's timing, without a GPU)."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.t = None
+
+    def record(self) -> None:
+        import time
+
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> None:
+    """The GPU bench's orchestration with torch.cuda faked and both loops on the CPU: each
+    loop's steps are timed, the ratio is theirs, and the 16 x 1 row is the plan's first that runs."""
+    from types import SimpleNamespace
+
+    import lowvram.memory
+    import lowvram.train
+    from lowvram._bench import gpu, loops
+    from lowvram.memory import Recipe
+
+    for name, value in {"is_available": True, "is_bf16_supported": False, "synchronize": None,
+                        "empty_cache": None, "reset_peak_memory_stats": None,
+                        "max_memory_allocated": 123 * 2**20}.items():
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _v=value, **k: _v)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(gpu, "gpu_info", lambda: {"name": "Fake GPU"})
+    real_train, real_plain = lowvram.train.train, loops._plain_loop
+    monkeypatch.setattr(lowvram.train, "train", lambda *a, **k: real_train(*a, **{**k, "cpu": True}))
+    monkeypatch.setattr(loops, "_plain_loop", lambda *a: real_plain(*a[:-1], torch.device("cpu")))
+    fused = Recipe("fp16 + fused + chunked loss", "fp16", adamw_impl="fused", loss_chunk_size=8)
+    eight = Recipe("fp16 + chunked loss + 8-bit AdamW", "fp16", "adamw8bit", loss_chunk_size=8)
+    rows = [SimpleNamespace(recipe=Recipe("fp16", "fp16"), micro_batch=4, fits=True),
+            SimpleNamespace(recipe=fused, micro_batch=16, fits=True),
+            SimpleNamespace(recipe=eight, micro_batch=16, fits=True)]
+    monkeypatch.setattr(lowvram.memory, "plan", lambda *a, **k: rows)
+    monkeypatch.setattr(gpu, "get_preset", lambda name: (MODEL, TRAIN))  # tiny, not rtx2050
+    import lowvram.verify  # bitsandbytes would not import under the faked torch.cuda
+
+    monkeypatch.setattr(lowvram.verify, "bitsandbytes_problem", lambda: None)
+
+    specs, notes = gpu.default_gpu_specs()
+    names = [s.name for s in specs]
+    assert names[0] == "fp16 4 x 4 (the lesson's)" and notes[0] == "bf16 4 x 4: not run, this GPU has no bf16"
+    if "adamw_impl" in TrainConfig.__dataclass_fields__:  # the fused row is the plan's first 16 x 1
+        assert names[1].startswith("16 x 1: fp16 + fused + chunked loss")
+    else:
+        assert "cannot be trained yet" in notes[1]
+        assert names[1] == "16 x 1: fp16 + chunked loss + 8-bit AdamW (the plan's best 16 x 1 row)"
+        assert specs[1].train.optimizer == "adamw8bit" and specs[1].model.loss_chunk_size == 8
+    assert (specs[1].train.per_device_train_batch_size, specs[1].train.gradient_accumulation_steps) == (16, 1)
+
+    results = gpu.run_gpu(specs[:1], steps=2, warmup=1)
+    (row,) = results["rows"]
+    assert len(row["lowvram_ms"]) == len(row["plain_ms"]) == 2
+    assert all(positive(x / 1e3) for x in row["lowvram_ms"] + row["plain_ms"])
+    assert row["ratio"] == row["lowvram_median_ms"] / row["plain_median_ms"]
+    assert row["tokens_per_step"] == 4 * 4 * MODEL.block_size  # the 4 x 4 spec
+    assert row["lowvram_peak_bytes"] == row["plain_peak_bytes"] == 123 * 2**20
+    assert results["gpu"] == {"name": "Fake GPU"} and results["notes"] == []

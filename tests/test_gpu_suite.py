@@ -113,3 +113,56 @@ def test_the_makefile_target_runs_the_suite():
     proc = subprocess.run([sys.executable, "tests/gpu_suite.py", "--parts", "nope"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--parts nope is not allowed" in proc.stderr
+
+
+def _plan_row(recipe: str, error: float, passed: bool | None) -> dict:
+    MiB = 2**20
+    if passed is None:
+        return {"recipe": recipe, "micro_batch": 16, "gradient_accumulation_steps": 1,
+                "planned_fits": True, "passed": None, "note": "skipped: no bitsandbytes"}
+    return {"recipe": recipe, "micro_batch": 4, "gradient_accumulation_steps": 4,
+            "predicted_allocated_bytes": 3200 * MiB, "measured_allocated_bytes": 3232 * MiB,
+            "allocated_error": error, "predicted_reserved_bytes": 3300 * MiB,
+            "measured_reserved_bytes": 3310 * MiB, "outcome": "fits", "passed": passed,
+            "note": "" if passed else f"allocated peak off by {error:+.1%} (tolerance 3%)"}
+
+
+def test_plan_part_reads_the_rows_past_a_stray_line_and_fails_on_a_bad_row(tmp_path, monkeypatch):
+    rows = [_plan_row("fp16", -0.01, True), _plan_row("fp16 + fused", -0.05, False),
+            _plan_row("fp16 + 8-bit", 0, None)]
+    stdout = "a library's banner\n" + json.dumps(rows, indent=2) + "\n"
+    seen = []
+
+    def fake_run(cmd, log, timeout, cwd=REPO):
+        seen.append(cmd)
+        return 1, stdout
+
+    monkeypatch.setattr(gpu_suite, "run_command", fake_run)
+    result = gpu_suite.part_plan(tmp_path, 100)
+    assert seen[0][2:] == ["lowvram.verify", "--preset", "rtx2050", "--plan", "--card-gib", "4",
+                           "--context-mib", "270.0", "--json"]
+    assert not result["passed"]
+    assert result["summary"] == ("1 of 2 fitting plan rows trained 2 steps under a 4 GiB cap with "
+                                 "the allocated peak within 3% of the prediction; failed: "
+                                 "fp16 + fused; 1 not run (see the table)")
+    assert json.loads((tmp_path / "plan_rows.json").read_text()) == rows
+    assert "| fp16 + fused | 4 x 4 | 3,200 | 3,232 | -5.0% |" in (tmp_path / "plan_rows.md").read_text()
+    monkeypatch.setattr(gpu_suite, "run_command", lambda *a, **k: (None, "half a line"))
+    assert gpu_suite.part_plan(tmp_path, 100) == {
+        "passed": False, "summary": "timed out after 100 s (see plan_rows.log)"}
+
+
+def test_bench_part_writes_json_and_the_readme_section(tmp_path, monkeypatch):
+    from test_bench import _gpu_results
+
+    results = _gpu_results()
+    stdout = "precision: fp16 (...)\n" + json.dumps(results, indent=1)
+    monkeypatch.setattr(gpu_suite, "run_command", lambda *a, **k: (0, stdout))
+    result = gpu_suite.part_bench(tmp_path, 100)
+    assert result["passed"]
+    assert result["summary"] == "2 configurations measured; train() / plain loop: 1.28, 1.02"
+    assert json.loads((tmp_path / "bench_gpu.json").read_text()) == results
+    section = (tmp_path / "bench_gpu.md").read_text()
+    assert "- **GPU:** NVIDIA H200" in section and "| **1.281** |" in section
+    monkeypatch.setattr(gpu_suite, "run_command", lambda *a, **k: (1, "Traceback ..."))
+    assert gpu_suite.part_bench(tmp_path, 100)["summary"] == "exit status 1, no JSON (see bench_gpu.log)"
