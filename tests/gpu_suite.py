@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime as dt
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -132,30 +134,36 @@ def child_env() -> dict[str, str]:
 
 
 def run_command(cmd: Sequence[str], log: Path, timeout: float, cwd: Path = REPO) -> tuple[int | None, str]:
-    """Run ``cmd``, its stdout and stderr into ``log``; (exit status or None on timeout, stdout)."""
+    """Run ``cmd``, its stdout and stderr into ``log``; (exit status or None on timeout, stdout).
+
+    It runs in a session of its own, so that a timeout ends it with everything it started (a
+    notebook's kernel, a launched process), not only the process itself."""
     t_limit = max(1.0, timeout)
     with open(log, "w", encoding="utf-8") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=cwd,
+                                env=child_env(), start_new_session=True)
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=cwd,
-                                  env=child_env(), timeout=t_limit)
-        except subprocess.TimeoutExpired as err:
-            out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            out, _ = proc.communicate(timeout=t_limit)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
             f.write(f"\n{out}\n== timed out after {t_limit:.0f} s\n")
             return None, out
-        f.write(proc.stdout)
-    return proc.returncode, proc.stdout
+        f.write(out)
+    return proc.returncode, out
 
 
 # --------------------------------------------------------------------------- the parts
 
 
 def part_pytest(out: Path, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rs", "-p",
-           "no:cacheprovider", f"--junitxml={out / 'pytest_gpu.xml'}"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-v", "-rs", "--durations=10",
+           "-p", "no:cacheprovider", f"--junitxml={out / 'pytest_gpu.xml'}"]
     rc, stdout = run_command(cmd, out / "pytest_gpu.log", timeout)
-    tail = [line for line in stdout.strip().splitlines() if line.strip()][-1:] or [""]
+    tail = [line.strip("= ") for line in stdout.strip().splitlines() if line.strip()][-1:] or [""]
     # exit status 5: nothing collected, i.e. no test is marked gpu
     passed = rc == 0
     summary = tail[0] if rc is not None else f"timed out after {timeout:.0f} s"
@@ -210,6 +218,8 @@ def part_notebooks(out: Path, timeout: float, notebooks: Sequence[Path] | None =
                          "code_cells": info["code_cells"]}
             with lock:
                 results[name] = r
+            print(f"   notebook {name}: {'ok' if r['passed'] else 'FAILED'} ({r['seconds']:.0f} s)"
+                  + (f": {r['error']}" if r.get("error") else ""), flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(run_group, groups.values()))

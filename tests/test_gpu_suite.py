@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import gpu_suite
 import pytest
@@ -166,3 +167,25 @@ def test_bench_part_writes_json_and_the_readme_section(tmp_path, monkeypatch):
     assert "- **GPU:** NVIDIA H200" in section and "| **1.281** |" in section
     monkeypatch.setattr(gpu_suite, "run_command", lambda *a, **k: (1, "Traceback ..."))
     assert gpu_suite.part_bench(tmp_path, 100)["summary"] == "exit status 1, no JSON (see bench_gpu.log)"
+
+
+def test_a_timeout_ends_the_command_and_what_it_started(tmp_path):
+    import os
+    import time
+
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    t0 = time.monotonic()
+    rc, out = gpu_suite.run_command([sys.executable, "-c", code], tmp_path / "log", timeout=3)
+    assert rc is None and time.monotonic() - t0 < 60
+    assert "== timed out after 3 s" in (tmp_path / "log").read_text()
+    grandchild = int(out.split()[0])
+    time.sleep(0.5)
+    try:  # gone, or a zombie waiting for its reaper: not running either way
+        state = (Path(f"/proc/{grandchild}/status").read_text().split("State:")[1].split()[0]
+                 if os.path.exists(f"/proc/{grandchild}") else "gone")
+    except OSError:
+        state = "gone"
+    assert state in ("gone", "Z", "X"), state
