@@ -487,7 +487,10 @@ def verify_cli(model_config: ModelConfig, train_config: TrainConfig, recipe: Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lowvram.verify --preset NAME [train options] [--card-gib G] [--plan]``."""
+    """``python -m lowvram.verify --preset NAME [train options] [--card-gib G] [--plan]``.
+
+    The train options are ``python -m lowvram.train``'s, so a plan row's train command verifies
+    as printed with ``lowvram.train`` replaced by ``lowvram.verify``."""
     p = argparse.ArgumentParser(
         prog="python -m lowvram.verify",
         description="Run the real train() on CUDA under a card-sized memory cap and hold its "
@@ -499,8 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mixed-precision", "--precision", choices=PRECISIONS, dest="precision")
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--adamw-impl", choices=("foreach", "fused", "loop"))
-    p.add_argument("--tie-embeddings", action="store_true", default=None)
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--loss-chunk-size", type=int)
     p.add_argument("--card-gib", type=float, default=4.0, help="the card to emulate (default 4)")
     p.add_argument("--context-mib", type=float,

@@ -211,3 +211,22 @@ def test_verify_cli_prints_the_comparison(fake_cuda, capsys):
     assert "micro-batch 4 x accumulation 1" in out
     assert "max_memory_allocated: predicted" in out and "measured 300 MiB" in out
     assert "result: fits (2 steps" in out
+
+
+def test_a_plan_rows_train_command_verifies_as_printed(monkeypatch):
+    seen = {}
+
+    def capture(model_config, train_config, recipe, **kwargs):
+        seen.update(model=recipe.apply(model_config), recipe=recipe, **kwargs)
+        return 0
+
+    monkeypatch.setattr(verify, "verify_cli", capture)
+    train_command = ("python -m lowvram.train --preset rtx2050 --per-device-train-batch-size 16 "
+                     "--gradient-accumulation-steps 1 --mixed-precision fp16 --optimizer adamw8bit "
+                     "--loss-chunk-size 256 --no-tie-embeddings --gradient-checkpointing")
+    argv = train_command.split()[3:]  # what follows `python -m lowvram.train`
+    assert verify.main([*argv, "--card-gib", "4"]) == 0
+    recipe, model = seen["recipe"], seen["model"]
+    assert (recipe.precision, recipe.optimizer) == ("fp16", "adamw8bit")
+    assert (model.loss_chunk_size, model.tie_embeddings, model.gradient_checkpointing) == (256, False, True)
+    assert (seen["micro_batch"], seen["gradient_accumulation_steps"], seen["card_gib"]) == (16, 1, 4.0)
