@@ -460,9 +460,12 @@ def verify_cli(model_config: ModelConfig, train_config: TrainConfig, recipe: Any
     verify ``recipe`` (a ``lowvram.memory.Recipe``; None: the configs as they are) at this
     micro-batch and accumulation (None: the train config's) and print the result. Returns the
     exit status: 0 fits, 1 ran out of memory, 2 no CUDA GPU."""
-    from lowvram.environment import cpu_build_on_gpu_machine
+    from lowvram import environment
 
-    problem = cpu_build_on_gpu_machine()  # the usual reason on a GPU laptop: a CPU build
+    # why a GPU goes unused: a CPU build of torch, or (h18cli's check, where merged) a CUDA build
+    # on a driver too old for it
+    unused = getattr(environment, "gpu_left_unused", environment.cpu_build_on_gpu_machine)
+    problem = unused()
     if problem:
         print(problem, file=sys.stderr)
     if not torch.cuda.is_available():

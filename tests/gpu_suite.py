@@ -113,10 +113,14 @@ def cuda_state() -> tuple[str, str]:
     gpu = shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia/version")
     if not gpu:
         return "none", f"no CUDA: this machine has no NVIDIA GPU (torch {torch.__version__})"
+    from lowvram import environment
+
+    unused = getattr(environment, "gpu_left_unused", environment.cpu_build_on_gpu_machine)
+    why = unused() or ("a CPU build of torch, a driver too old for torch's CUDA, or "
+                       "CUDA_VISIBLE_DEVICES hides it")
     return "broken", (
         f"an NVIDIA GPU is installed, but torch {torch.__version__} (CUDA build: "
-        f"{torch.version.cuda}) cannot use it (torch.cuda.is_available() is False): a CPU build "
-        "of torch, a driver too old for torch's CUDA, or CUDA_VISIBLE_DEVICES hides it"
+        f"{torch.version.cuda}) cannot use it (torch.cuda.is_available() is False): {why}"
     )
 
 

@@ -189,3 +189,19 @@ def test_a_timeout_ends_the_command_and_what_it_started(tmp_path):
     except OSError:
         state = "gone"
     assert state in ("gone", "Z", "X"), state
+
+
+def test_cuda_state_names_why_a_present_gpu_goes_unused(monkeypatch):
+    import shutil
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(gpu_suite.os.path, "exists", lambda path: False)
+    assert gpu_suite.cuda_state()[0] == "none"
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # nvidia-smi is there
+    state, line = gpu_suite.cuda_state()
+    assert state == "broken" and "cannot use it (torch.cuda.is_available() is False)" in line
+    if torch.version.cuda is None:  # this CPU build: the environment check's own words and fix
+        assert "is a CPU build (torch.version.cuda is None)" in line
