@@ -372,8 +372,13 @@ def verify_plan(model_config: ModelConfig, train_config: TrainConfig, *, card_gi
         if problem:
             results.append({**head, "passed": None, "note": f"skipped: {problem}"})
             continue
-        result = verify_training(model_cfg, train_cfg, card_gib=card_gib, steps=steps,
-                                 context_bytes=context_bytes)
+        try:
+            result = verify_training(model_cfg, train_cfg, card_gib=card_gib, steps=steps,
+                                     context_bytes=context_bytes)
+        except Exception as err:  # one row's failure is that row's result, not the plan's end
+            results.append({**head, "passed": False,
+                            "note": f"failed: {type(err).__name__}: {str(err)[:300]}"})
+            continue
         within = abs(result["allocated_error"]) <= tolerance
         passed = result["fits"] and within
         if not result["fits"]:
@@ -436,8 +441,9 @@ def format_plan_table(results: list[dict[str, Any]], tolerance: float = PLAN_TOL
              "| :--- | :---: | ---: | ---: | ---: | ---: | ---: | :--- | :--- |"]
     for r in results:
         shape = f"{r['micro_batch']} x {r['gradient_accumulation_steps']}"
-        if "measured_allocated_bytes" not in r:
-            lines.append(f"| {r['recipe']} | {shape} | | | | | | {r['note']} | - |")
+        if "measured_allocated_bytes" not in r:  # not run, or failed before a measurement
+            verdict = "-" if r["passed"] is None else "**NO**"
+            lines.append(f"| {r['recipe']} | {shape} | | | | | | {r['note']} | {verdict} |")
             continue
         verdict = "yes" if r["passed"] else f"**NO**: {r['note']}"
         lines.append(

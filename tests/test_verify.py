@@ -126,9 +126,12 @@ def test_format_plan_table_marks_each_row():
          "passed": False, "note": "allocated peak off by -5.0% (tolerance 3%)"},
         {"recipe": "fp32 (lesson baseline)", "micro_batch": 2, "gradient_accumulation_steps": 8,
          "planned_fits": True, "passed": None, "note": "skipped: no bitsandbytes"},
+        {"recipe": "fp16 + 8-bit", "micro_batch": 16, "gradient_accumulation_steps": 1,
+         "planned_fits": True, "passed": False, "note": "failed: RuntimeError: a kernel"},
     ]
     lines = verify.format_plan_table(rows).splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 6
+    assert lines[5] == "| fp16 + 8-bit | 16 x 1 | | | | | | failed: RuntimeError: a kernel | **NO** |"
     assert lines[2].startswith("| fp16 (the lesson's choice) | 4 x 4 | 3,200 | 3,232 | -1.0% |")
     assert lines[2].endswith("| fits | yes |")
     assert lines[3].endswith("| **NO**: allocated peak off by -5.0% (tolerance 3%) |")
@@ -230,3 +233,30 @@ def test_a_plan_rows_train_command_verifies_as_printed(monkeypatch):
     assert (recipe.precision, recipe.optimizer) == ("fp16", "adamw8bit")
     assert (model.loss_chunk_size, model.tie_embeddings, model.gradient_checkpointing) == (256, False, True)
     assert (seen["micro_batch"], seen["gradient_accumulation_steps"], seen["card_gib"]) == (16, 1, 4.0)
+
+
+def test_verify_plan_runs_each_fitting_row_and_keeps_going_past_a_failing_one(monkeypatch):
+    from types import SimpleNamespace
+
+    model, train = get_preset("tiny")
+    rows = [SimpleNamespace(recipe=Recipe("none fits", "no"), micro_batch=0, accumulation=0, fits=False),
+            SimpleNamespace(recipe=Recipe("ok", "no"), micro_batch=4, accumulation=4, fits=True),
+            SimpleNamespace(recipe=Recipe("breaks", "fp16"), micro_batch=8, accumulation=2, fits=True),
+            SimpleNamespace(recipe=Recipe("off", "bf16"), micro_batch=16, accumulation=1, fits=True)]
+    monkeypatch.setattr(memory, "plan", lambda *a, **k: rows)
+    ran = []
+
+    def fake_verify(model_config, train_config, **kwargs):
+        ran.append((train_config.mixed_precision, train_config.per_device_train_batch_size,
+                    train_config.gradient_accumulation_steps, kwargs["context_bytes"]))
+        if train_config.mixed_precision == "fp16":
+            raise RuntimeError("a kernel failed")
+        return {"fits": True, "allocated_error": -0.01 if train_config.mixed_precision == "no" else 0.05}
+
+    monkeypatch.setattr(verify, "verify_training", fake_verify)
+    results = verify.verify_plan(model, train, context_bytes=270 * MiB)
+    assert ran == [("no", 4, 4, 270 * MiB), ("fp16", 8, 2, 270 * MiB), ("bf16", 16, 1, 270 * MiB)]
+    assert [r["passed"] for r in results] == [None, True, False, False]
+    assert results[0]["note"] == "the plan says it does not fit"
+    assert results[2]["note"] == "failed: RuntimeError: a kernel failed"
+    assert results[3]["note"] == "allocated peak off by +5.0% (tolerance 3%)"

@@ -214,8 +214,9 @@ def run_gpu(specs: list[GpuSpec] | None = None, *, steps: int = 10, warmup: int 
         log(f"  GPU: {spec.name} ({warmup} + {steps} steps, train() then the plain loop)")
         try:
             rows.append(gpu_loop_comparison(spec, steps=steps, warmup=warmup))
-        except torch.cuda.OutOfMemoryError as err:  # a roomy GPU should not; say so, go on
-            notes.append(f"{spec.name}: out of memory: {str(err).splitlines()[0]}")
+        except Exception as err:  # e.g. out of memory: say so in the table's notes, go on
+            notes.append(f"{spec.name}: failed: {type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0][:300]}")
             _free()
         else:
             r = rows[-1]
