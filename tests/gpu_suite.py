@@ -310,6 +310,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         table = summary["parts"].get(name, {}).get("table")
         if table:
             lines += ["", f"{name}:", table]
+    if summary["parts"].get("bench", {}).get("table"):
+        lines += ["", "Into the README's GPU section (from the repository, with this run's file): "
+                  "python -m lowvram._bench --gpu --gpu-results bench_gpu.json --write-readme"]
     lines += ["", f"RESULT: {summary['result']}"]
     return "\n".join(lines)
 

@@ -376,3 +376,24 @@ def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> 
     assert row["tokens_per_step"] == 4 * 4 * MODEL.block_size  # the 4 x 4 spec
     assert row["lowvram_peak_bytes"] == row["plain_peak_bytes"] == 123 * 2**20
     assert results["gpu"] == {"name": "Fake GPU"} and results["notes"] == []
+
+
+def test_gpu_results_from_a_lent_machine_go_into_the_readme(tmp_path: Path, capsys) -> None:
+    from lowvram._bench.gpu import GPU_README_END, GPU_README_START
+
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    results = tmp_path / "bench_gpu.json"
+    results.write_text(json.dumps(_gpu_results()))
+    assert bench.main(["--gpu", "--gpu-results", str(results), "--write-readme",
+                       "--readme", str(readme)]) == 0
+    assert "| fp16 4 x 4 (the lesson's) | 93.1 | 72.7 | **1.281** |" in capsys.readouterr().out
+    text = readme.read_text()
+    section = text[text.index(GPU_README_START):text.index(GPU_README_END)]
+    assert "- **GPU:** NVIDIA H200" in section and "| bf16 4 x 4 | 50.0 |" in section
+    results.write_text("{}")
+    assert bench.main(["--gpu", "--gpu-results", str(results)]) == 2
+    assert "not the JSON of a --gpu --json run (KeyError" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--gpu-results", str(results)])
+    assert "--gpu-results needs --gpu" in capsys.readouterr().err

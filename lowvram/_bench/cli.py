@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -43,7 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true",
                         help="only the GPU part: train() against a plain loop on CUDA (without "
                         "CUDA it says so; --write-readme then writes that into the GPU section)")
+    parser.add_argument("--gpu-results", metavar="JSON",
+                        help="with --gpu: report (and with --write-readme, write) the results of "
+                        "an earlier --gpu --json run, e.g. make test-gpu's bench_gpu.json from a "
+                        "lent GPU machine, instead of measuring here")
     args = parser.parse_args(argv)
+    if args.gpu_results and not args.gpu:
+        parser.error("--gpu-results needs --gpu")
     if args.gpu:
         if args.quick or args.tiny or args.threads is not None:
             parser.error("--gpu takes no --quick/--tiny/--threads: those are the CPU part's")
@@ -108,6 +115,20 @@ def _gpu_main(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError) as err:
             _log(f"error: {err}")
             return 2
+    if args.gpu_results:
+        try:
+            results = json.loads(Path(args.gpu_results).read_text(encoding="utf-8"))
+            table = format_gpu_table(results)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            _log(f"error: --gpu-results {args.gpu_results}: not the JSON of a --gpu --json run "
+                 f"({type(err).__name__}: {err})")
+            return 2
+        print(table)
+        if args.write_readme:
+            write_readme(gpu_readme_section(results, "python -m lowvram._bench --gpu --write-readme"),
+                         args.readme, GPU_README_START, GPU_README_END)
+            _log(f"wrote the GPU section of {args.readme} from {args.gpu_results}")
+        return 0
     if not torch.cuda.is_available():
         reason = f"torch {torch.__version__}: torch.cuda.is_available() is False"
         _log(f"GPU bench: not measured ({reason})")
