@@ -131,7 +131,7 @@ def measure_context(device: torch.device | None = None) -> int:
     learner's laptop: the display). Kernels that load lazily during training add a little more:
     :func:`verify_training` measures again after the run.
     """
-    device = torch.device("cuda") if device is None else device
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else device
     # a Linear with bias, forward and backward, in fp32 and under fp16 autocast: the cuBLAS and
     # cuBLASLt handles train() will use (their workspace goes through the allocator)
     layer = torch.nn.Linear(64, 64, device=device)
@@ -224,7 +224,8 @@ def verify_training(
     _check_card(card_gib)
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
         raise ValueError(f"steps={steps!r} is not allowed: give optimizer steps in [1, 100], e.g. 2")
-    device = torch.device("cuda")
+    # with its index: set_per_process_memory_fraction refuses a bare "cuda" (checked on an H200)
+    device = torch.device("cuda", torch.cuda.current_device())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         precision, _ = resolve_precision(train_config.mixed_precision, device)

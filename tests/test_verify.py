@@ -158,8 +158,13 @@ def fake_cuda(monkeypatch):
     }
     for name, value in answers.items():
         monkeypatch.setattr(torch.cuda, name, lambda *a, _v=value, **k: _v)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
-                        lambda fraction, device=None: fractions.append(fraction))
+    def set_fraction(fraction: float, device=None) -> None:
+        if isinstance(device, torch.device) and device.index is None:  # as torch 2.11 does
+            raise ValueError(f"Expected a torch.device with a specified index, but got:{device}")
+        fractions.append(fraction)
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(verify, "measure_context", lambda device=None: 500 * MiB)
     real_train = lowvram.train.train
     monkeypatch.setattr(lowvram.train, "train", lambda *a, **k: real_train(*a, **{**k, "cpu": True}))
