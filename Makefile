@@ -78,9 +78,10 @@ unit: install
 # failing one: pytest -m gpu, every notebook executed on CUDA, each plan row that fits trained
 # 2 steps under a 4 GiB cap, the GPU bench. Results in $$OUT if set, else build/gpu/. Without an
 # NVIDIA GPU it says "skipped" and exits 0. On the lent machine: make -o install -o data
-# test-gpu PY=python3 (../shared/gpu-check.sh prepares the call).
+# test-gpu PY=python3 (../shared/gpu-check.sh prepares the call); GPU_BUDGET=seconds in all.
+GPU_BUDGET ?= 355
 test-gpu: install data
-	PYTHONHASHSEED=0 $(PY) tests/gpu_suite.py
+	PYTHONHASHSEED=0 $(PY) tests/gpu_suite.py --budget $(GPU_BUDGET)
 
 # Regenerate every stored notebook output, in nbval's kernel settings: nbval's kernel does not
 # forward output written straight to the process's file descriptors, so neither may this one.

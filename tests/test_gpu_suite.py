@@ -110,7 +110,8 @@ def test_a_notebook_that_raises_is_reported_failed_with_its_error(tmp_path):
 
 def test_the_makefile_target_runs_the_suite():
     makefile = (REPO / "Makefile").read_text()
-    assert "test-gpu: install data\n\tPYTHONHASHSEED=0 $(PY) tests/gpu_suite.py\n" in makefile
+    assert "test-gpu: install data\n\tPYTHONHASHSEED=0 $(PY) tests/gpu_suite.py --budget $(GPU_BUDGET)\n" in makefile
+    assert f"GPU_BUDGET ?= {gpu_suite.BUDGET_S}\n" in makefile
     proc = subprocess.run([sys.executable, "tests/gpu_suite.py", "--parts", "nope"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--parts nope is not allowed" in proc.stderr
