@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowvram import memory, verify
+from lowvram import _verifycli, memory, verify
 from lowvram.config import TrainConfig, get_preset
 from lowvram.memory import Recipe
 
@@ -104,15 +104,15 @@ def _fake_result(**changes) -> dict:
 
 
 def test_format_result_prints_predicted_measured_context_and_verdict():
-    text = verify.format_result(_fake_result())
+    text = _verifycli.format_result(_fake_result())
     assert "max_memory_allocated: predicted 3,200 MiB, measured 3,232 MiB (-1.0%)" in text
     assert "max_memory_reserved: predicted 3,300 MiB, measured 3,310 MiB (-0.3%)" in text
     assert "767 MiB, measured 767 MiB before the run and 800 MiB after it" in text
     assert "allocator capped at 3,329 MiB" in text
     assert "result: fits (2 steps, losses 10.4000, 10.3000); the card needs 4,110 of 4,096 MiB" in text
     assert "more than the card" in text  # 3,310 reserved + 800 outside > 4,096
-    assert "more than the card" not in verify.format_result(_fake_result(context_after_bytes=700 * MiB))
-    oom = verify.format_result(_fake_result(fits=False, outcome="ran out of memory",
+    assert "more than the card" not in _verifycli.format_result(_fake_result(context_after_bytes=700 * MiB))
+    oom = _verifycli.format_result(_fake_result(fits=False, outcome="ran out of memory",
                                             error="CUDA out of memory. Tried to allocate 20 MiB",
                                             accumulation_modelled=False))
     assert "result: ran out of memory (CUDA out of memory. Tried to allocate 20 MiB)" in oom
@@ -129,7 +129,7 @@ def test_format_plan_table_marks_each_row():
         {"recipe": "fp16 + 8-bit", "micro_batch": 16, "gradient_accumulation_steps": 1,
          "planned_fits": True, "passed": False, "note": "failed: RuntimeError: a kernel"},
     ]
-    lines = verify.format_plan_table(rows).splitlines()
+    lines = _verifycli.format_plan_table(rows).splitlines()
     assert len(lines) == 6
     assert lines[5] == "| fp16 + 8-bit | 16 x 1 | | | | | | failed: RuntimeError: a kernel | **NO** |"
     assert lines[2].startswith("| fp16 (the lesson's choice) | 4 x 4 | 3,200 | 3,232 | -1.0% |")
@@ -228,7 +228,7 @@ def test_a_plan_rows_train_command_verifies_as_printed(monkeypatch):
         seen.update(model=recipe.apply(model_config), recipe=recipe, **kwargs)
         return 0
 
-    monkeypatch.setattr(verify, "verify_cli", capture)
+    monkeypatch.setattr(_verifycli, "verify_cli", capture)
     train_command = ("python -m lowvram.train --preset rtx2050 --per-device-train-batch-size 16 "
                      "--gradient-accumulation-steps 1 --mixed-precision fp16 --optimizer adamw8bit "
                      "--loss-chunk-size 256 --no-tie-embeddings --gradient-checkpointing")
