@@ -90,6 +90,7 @@ def test_every_notebook_and_solution_is_in_the_run_grouped_by_lesson():
     assert gpu_suite._lesson(REPO / "notebooks" / "solutions" / "25_3_heller.ipynb") == "25_3"
 
 
+@pytest.mark.slow  # starts two Jupyter kernels
 def test_a_notebook_that_raises_is_reported_failed_with_its_error(tmp_path):
     pytest.importorskip("nbclient")
     nbformat = pytest.importorskip("nbformat")
