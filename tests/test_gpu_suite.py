@@ -207,3 +207,19 @@ def test_cuda_state_names_why_a_present_gpu_goes_unused(monkeypatch):
     assert state == "broken" and "cannot use it (torch.cuda.is_available() is False)" in line
     if torch.version.cuda is None:  # this CPU build: the environment check's own words and fix
         assert "is a CPU build (torch.version.cuda is None)" in line
+
+
+@pytest.mark.parametrize(("rc", "stdout", "passed"), [
+    (0, "tests/test_gpu.py::test_a PASSED\n=== 12 passed, 353 deselected in 60.1s ===\n", True),
+    (0, "=== 12 skipped, 353 deselected in 21.0s ===\n", False),  # no test saw the GPU
+    (1, "=== 1 failed, 11 passed in 70.0s ===\n", False),
+    (None, "tests/test_gpu.py::test_a PASSED\n", False),  # timed out
+])
+def test_pytest_part_passes_only_when_gpu_tests_ran_and_passed(tmp_path, monkeypatch, rc, stdout, passed):
+    monkeypatch.setattr(gpu_suite, "run_command", lambda *a, **k: (rc, stdout))
+    result = gpu_suite.part_pytest(tmp_path, 100)
+    assert result["passed"] is passed
+    if rc is None:
+        assert result["summary"] == "timed out after 100 s"
+    else:
+        assert result["summary"] == stdout.strip().splitlines()[-1].strip("= ")
