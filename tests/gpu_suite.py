@@ -9,7 +9,9 @@ not stop the others:
 1. ``pytest``: ``pytest -m gpu tests`` (tests/test_gpu.py and the other gpu-marked tests).
 2. ``notebooks``: every notebook and solution executed on CUDA with nbclient, from its own
    directory as Jupyter runs it; no output comparison (the stored outputs are the CPU's, and
-   ``make test`` checks them with CUDA hidden). Pass/fail per notebook.
+   ``make test`` checks them with CUDA hidden). Pass/fail per notebook. Notebooks that share a
+   run directory, the launcher's port or a lesson run one after the other in ``make test``'s
+   order (``notebook_lanes``); the other lanes run beside them.
 3. ``plan``: each row of ``lowvram.memory.plan(rtx2050, card_gib=4, target_effective_batch=16)``
    that the planner marks as fitting: 2 real optimizer steps of ``train()`` under a 4 GiB cap
    (``python -m lowvram.verify --plan --context-mib 270``): no out-of-memory, and the measured
@@ -59,7 +61,7 @@ BUDGET_S = 355  # the whole run (< 6 min): the lent machine's call allows about 
 BENCH_S = 100  # kept for the bench, which runs last
 PYTEST_S = 150  # pytest -m gpu, at most (other branches add gpu tests too)
 NOTEBOOK_TIMEOUT_S = 240  # one notebook
-NOTEBOOK_WORKERS = 4  # notebooks executed at once (each lesson's notebooks one after the other)
+NOTEBOOK_WORKERS = 4  # lanes of notebooks executed at once (notebook_lanes)
 
 # Executes one notebook in a fresh interpreter (nbclient), writing the executed copy; prints
 # one JSON line. The kernel starts in the notebook's own directory, as Jupyter starts it.
@@ -184,14 +186,37 @@ def _lesson(path: Path) -> str:
     return match.group(1) if match else path.stem
 
 
+def _shared(path: Path) -> set[str]:
+    """What a notebook shares with others, so that those run one after the other: its lesson
+    (a notebook and its solution), each run directory it names (runs/NAME: one trains, the next
+    reads), and the launcher (two launches at once collide on accelerate's default port)."""
+    text = path.read_text(encoding="utf-8")
+    shared = {f"lesson {_lesson(path)}"} | set(re.findall(r"runs/[A-Za-z0-9_.-]+", text))
+    if re.search(r"notebook_launcher\(|accelerate launch|use_port", text):
+        shared.add("launcher")
+    return shared
+
+
+def notebook_lanes(notebooks: Sequence[Path]) -> list[list[Path]]:
+    """The notebooks in lanes that may run at the same time: any two that share something
+    (:func:`_shared`) are in one lane, in the given order (``make test``'s)."""
+    lanes: list[tuple[set[str], list[Path]]] = []
+    for nb in notebooks:
+        keys, paths = _shared(nb), [nb]
+        for lane in [lane for lane in lanes if lane[0] & keys]:  # merge every lane it touches
+            lanes.remove(lane)
+            keys, paths = keys | lane[0], lane[1] + paths
+        lanes.append((keys, paths))
+    order = {nb: i for i, nb in enumerate(notebooks)}
+    return [sorted(paths, key=order.__getitem__) for _, paths in lanes]
+
+
 def part_notebooks(out: Path, timeout: float, notebooks: Sequence[Path] | None = None,
                    workers: int = NOTEBOOK_WORKERS) -> dict[str, Any]:
     notebooks = notebook_paths() if notebooks is None else list(notebooks)
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
-    groups: dict[str, list[Path]] = {}  # a lesson's notebook and its solution: one after the other
-    for nb in notebooks:
-        groups.setdefault(_lesson(nb), []).append(nb)
+    lanes = notebook_lanes(notebooks)  # one after the other within a lane, lanes side by side
     results: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
 
@@ -226,7 +251,7 @@ def part_notebooks(out: Path, timeout: float, notebooks: Sequence[Path] | None =
                   + (f": {r['error']}" if r.get("error") else ""), flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        list(pool.map(run_group, groups.values()))
+        list(pool.map(run_group, lanes))
     ordered = {k: results[k] for k in sorted(results)}
     failed = [k for k, r in ordered.items() if not r["passed"]]
     summary = (f"{len(ordered) - len(failed)} of {len(ordered)} notebooks ran on CUDA without an error"

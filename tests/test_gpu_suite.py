@@ -223,3 +223,22 @@ def test_pytest_part_passes_only_when_gpu_tests_ran_and_passed(tmp_path, monkeyp
         assert result["summary"] == "timed out after 100 s"
     else:
         assert result["summary"] == stdout.strip().splitlines()[-1].strip("= ")
+
+
+def test_notebooks_that_share_a_run_dir_a_launcher_or_a_lesson_run_one_after_the_other(tmp_path):
+    sources = {
+        "25_1_train.ipynb": 'train(output_dir="runs/cpu-demo")',
+        "25_2_plan.ipynb": "plan()",
+        "25_3_read.ipynb": 'json.load(open("runs/cpu-demo/history.json"))',
+        "25_4_launch.ipynb": "notebook_launcher(main, num_processes=2)",
+        "25_5_shell.ipynb": "!accelerate launch -m lowvram.train",
+        "25_2_heller.ipynb": "check()",
+    }
+    paths = []
+    for name, source in sources.items():
+        (tmp_path / name).write_text(json.dumps({"cells": [{"source": source}]}))
+        paths.append(tmp_path / name)
+    lanes = [[p.name for p in lane] for lane in gpu_suite.notebook_lanes(paths)]
+    assert sorted(lanes) == [["25_1_train.ipynb", "25_3_read.ipynb"],  # one run dir
+                             ["25_2_plan.ipynb", "25_2_heller.ipynb"],  # one lesson
+                             ["25_4_launch.ipynb", "25_5_shell.ipynb"]]  # the launcher's port
