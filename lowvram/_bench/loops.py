@@ -87,6 +87,9 @@ def _plain_loop(
         precision, _ = resolve_precision(train_config.mixed_precision, device)
     torch.manual_seed(train_config.seed)
     model = GPTModel(model_config).to(device)
+    # as train() does (issue 19): the rows are valid, so no token-range read of each batch
+    # (a host sync on a GPU); a GPTModel without the switch ignores it
+    model.check_token_range = False
     optimizer = build_optimizer(model.parameters(), train_config)  # the same as train()'s
     train_loader, _ = build_dataloaders(
         train_data, val_data, train_config.per_device_train_batch_size, drop_last=True, seed=train_config.seed
