@@ -14,8 +14,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_STAMP := data/.prepared
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb notebooks/solutions/*.ipynb))
-# the same environment for nbconvert (regenerating), nbval (checking) and make bench
-NB_ENV := PYTHONHASHSEED=0
+# the same environment for nbconvert (regenerating), nbval (checking) and make bench; CUDA is
+# hidden, so that on a GPU machine the stored (CPU) outputs are regenerated and checked as they
+# were made (make test-gpu runs every notebook on CUDA)
+NB_ENV := PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES=
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 # Other learners' CPUs, emulated on this one (PyTorch's and oneDNN's kernel choice, threads):
 # a laptop with no vector units, and an AVX2 laptop with more threads than this machine has.
@@ -24,7 +26,7 @@ PORTABLE_CPUS := \
 	"ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 OMP_NUM_THREADS=1" \
 	"ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=3"
 
-.PHONY: install data lab test test-native test-portable unit notebooks lint bench constraints clean
+.PHONY: install data lab test test-native test-portable test-gpu unit notebooks lint bench constraints clean
 
 # constraints.txt pins versions (numpy 2.4, matplotlib 3.11, transformers 5.24, ...) that need
 # Python 3.11+; the package itself also runs on 3.10 with pip's own choice of versions (README).
@@ -72,6 +74,15 @@ test-portable: install data
 unit: install
 	$(PY) -m pytest tests
 
+# The checks that need a CUDA GPU, bounded (< 6 min on a large GPU), each part going on past a
+# failing one: pytest -m gpu, every notebook executed on CUDA, each plan row that fits trained
+# 2 steps under a 4 GiB cap, the GPU bench. Results in $$OUT if set, else build/gpu/. Without an
+# NVIDIA GPU it says "skipped" and exits 0. On the lent machine: make -o install -o data
+# test-gpu PY=python3 (../shared/gpu-check.sh prepares the call); GPU_BUDGET=seconds in all.
+GPU_BUDGET ?= 355
+test-gpu: install data
+	PYTHONHASHSEED=0 $(PY) tests/gpu_suite.py --budget $(GPU_BUDGET)
+
 # Regenerate every stored notebook output, in nbval's kernel settings: nbval's kernel does not
 # forward output written straight to the process's file descriptors, so neither may this one.
 notebooks: install data
@@ -87,6 +98,7 @@ notebooks: install data
 # Benchmarks (developer tooling) into the README; the notebooks under the same NB_ENV as `test`.
 bench: install data
 	$(NB_ENV) $(PY) -m lowvram._bench --write-readme
+	$(PY) -m lowvram._bench --gpu --write-readme
 
 # Re-pin the exact versions CI uses (torch excluded: it follows TORCH_SPEC).
 constraints: install

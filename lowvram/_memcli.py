@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
-
-import torch
 
 from lowvram import memory
 from lowvram._memreport import ADAMW_IMPLS, MAX_MICRO_BATCH, TARGETS, check_card
@@ -33,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="also print the planner's table (exact effective batch)")
     p.add_argument("--ablation", action="store_true", help="also print the ablation table")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--verify-gpu", action="store_true", help="run the real step on CUDA and print its peaks next to the estimate")
+    p.add_argument("--verify-gpu", action="store_true", help="run the real train() on CUDA for 2 steps under a --card-gib cap; print its peaks next to the prediction")
     return p
 
 
@@ -68,8 +65,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         gradient_checkpointing=args.gradient_checkpointing or None,
         loss_chunk_size=chunk,
     )
-    if args.verify_gpu:
-        return _verify(model_cfg, micro, recipe, args.json)
+    if args.verify_gpu:  # the real train() under a card-sized cap (lowvram/verify.py)
+        from lowvram.verify import verify_cli
+
+        return verify_cli(model_cfg, train_cfg, recipe, micro_batch=micro, card_gib=args.card_gib,
+                          gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", None),
+                          as_json=args.json)
     report = memory.measure_step(model_cfg, micro, recipe, target=args.target)
     target_batch = train_cfg.effective_batch_size
     rows = memory.plan(model_cfg, args.card_gib, target_batch, largest=True) if args.plan else []
@@ -106,33 +107,3 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(memory.ablation_table(steps, args.card_gib))
     return 0
 
-
-def _verify(model_cfg, micro: int, recipe: memory.Recipe, as_json: bool) -> int:  # type: ignore[no-untyped-def]
-    from lowvram.environment import cpu_build_on_gpu_machine
-
-    problem = cpu_build_on_gpu_machine()  # the usual reason on a GPU laptop: a CPU build
-    if problem:
-        print(problem, file=sys.stderr)
-    if not torch.cuda.is_available():
-        print(
-            f"error: --verify-gpu needs a CUDA GPU, but torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}): run it where an NVIDIA GPU and a CUDA build of "
-            "torch are installed",
-            file=sys.stderr,
-        )
-        return 2
-    result = memory.verify_gpu(model_cfg, micro, recipe)
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"free on the card at start: {_mib(result['free_at_start'])} of "
-          f"{_mib(result['total_at_start'])} MiB (torch.cuda.mem_get_info, context included): "
-          f"the estimate {'fits' if result['fits_free_at_start'] else 'does NOT fit'} it with "
-          "the plan's reserve")
-    for what in ("allocated", "reserved"):
-        est, real = result[f"estimated_{what}"], result[f"max_memory_{what}"]
-        print(f"max_memory_{what}: estimated {_mib(est, 1)} MiB, measured {_mib(real, 1)} MiB "
-              f"({100 * (est - real) / real:+.1f}%)")
-    print(f"outside the allocator: modelled {_mib(result['estimated_context'])} MiB, "
-          f"measured {_mib(result['measured_outside_allocator'])} MiB")
-    return 0

@@ -16,7 +16,7 @@ import torch
 
 from lowvram import _bench as bench
 from lowvram._bench import cli
-from lowvram.config import get_preset
+from lowvram.config import TrainConfig, get_preset
 from lowvram.model import GPTModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,3 +226,174 @@ def test_notebook_env_is_the_makefiles(monkeypatch) -> None:
     assert len(modules) > 1  # the package and its modules, where the code is
     for module in modules:
         assert not hasattr(module, "_NB_ENV"), module.__name__
+
+
+# --------------------------------------------------------------------------- the GPU part
+
+
+def _gpu_results() -> dict:
+    """What ``run_gpu`` returns, made up (the GPU part itself is in tests/test_gpu.py)."""
+    row = {"name": "fp16 4 x 4 (the lesson's)", "precision": "fp16", "micro_batch": 4,
+           "gradient_accumulation_steps": 4, "optimizer": "adamw", "adamw_impl": None,
+           "loss_chunk_size": 0, "tokens_per_step": 4096, "steps": 10, "warmup": 3,
+           "lowvram_median_ms": 93.1, "plain_median_ms": 72.7, "ratio": 93.1 / 72.7,
+           "lowvram_tokens_per_s": 4096 / 0.0931, "plain_tokens_per_s": 4096 / 0.0727,
+           "lowvram_peak_bytes": 3201 * 2**20, "plain_peak_bytes": 3100 * 2**20}
+    fast = {**row, "name": "bf16 4 x 4", "lowvram_median_ms": 50.0, "plain_median_ms": 49.0,
+            "ratio": 50.0 / 49.0}
+    return {"gpu": {"name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8,
+                    "torch": "2.11.0+cu130", "cuda": "13.0", "accelerate": "1.15.0",
+                    "python": "3.12.3"},
+            "started_utc": "2026-12-04 16:30 UTC", "total_s": 75.0, "rows": [row, fast],
+            "notes": ["16 x 1 row 'fp16 + chunked loss + 8-bit AdamW': not run: no bitsandbytes"]}
+
+
+def test_gpu_table_states_times_ratio_tokens_and_peaks() -> None:
+    from lowvram._bench.gpu import format_gpu_table
+
+    lines = format_gpu_table(_gpu_results()).splitlines()
+    assert lines[2] == ("| fp16 4 x 4 (the lesson's) | 93.1 | 72.7 | **1.281** | 43,996 | 56,341 | "
+                        "3,201 / 3,100 MiB | **no** |")
+    assert lines[3].startswith("| bf16 4 x 4 | 50.0 | 49.0 | **1.020** |") and lines[3].endswith("| yes |")
+    assert lines[-1] == "- 16 x 1 row 'fp16 + chunked loss + 8-bit AdamW': not run: no bitsandbytes"
+
+
+def test_gpu_readme_section_names_the_gpu_and_goes_between_its_markers(tmp_path: Path) -> None:
+    from lowvram._bench.gpu import (
+        GPU_README_END,
+        GPU_README_START,
+        gpu_readme_section,
+        not_measured_section,
+    )
+
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    before = readme.read_text()
+    section = gpu_readme_section(_gpu_results(), "python -m lowvram._bench --gpu --write-readme")
+    assert "- **GPU:** NVIDIA H200 (compute capability 9.0, 140 GiB), torch 2.11.0+cu130" in section
+    bench.write_readme(section, readme, GPU_README_START, GPU_README_END)
+    text = readme.read_text()
+    start, end = text.index(GPU_README_START), text.index(GPU_README_END)
+    assert "| fp16 4 x 4 (the lesson's) | 93.1 |" in text[start:end]
+    # the CPU section and everything else are untouched
+    assert text[:start] == before[:before.index(GPU_README_START)]
+    assert text[end:] == before[before.index(GPU_README_END):]
+    assert "ran without a CUDA GPU (no GPU here)" in not_measured_section("no GPU here")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_gpu_flag_without_cuda_writes_not_measured(tmp_path: Path, capsys) -> None:
+    from lowvram._bench.gpu import GPU_README_END, GPU_README_START
+
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    assert bench.main(["--gpu", "--json", "--write-readme", "--readme", str(readme)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu"] is None and out["rows"] == [] and "not measured" in out["notes"][0]
+    text = readme.read_text()
+    section = text[text.index(GPU_README_START):text.index(GPU_README_END)]
+    assert "Not measured: the last `make bench`" in section
+    assert "torch.cuda.is_available() is False" in section
+
+
+def test_gpu_flag_refuses_the_cpu_parts_options(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--gpu", "--quick"])
+    assert "--gpu takes no --quick/--tiny/--threads" in capsys.readouterr().err
+
+
+def test_make_bench_runs_the_gpu_part_and_cpu_targets_hide_cuda() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert "NB_ENV := PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES=\n" in makefile
+    assert "\t$(PY) -m lowvram._bench --gpu --write-readme\n" in makefile  # CUDA visible
+    for target in ("test-native", "notebooks"):
+        recipe = makefile.split(f"\n{target}:")[1].split("\n\n")[0]
+        assert "$(NB_ENV)" in recipe, target
+    assert "env $$cpu $(NB_ENV)" in makefile  # test-portable
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the host clock (the GPU bench's timing, without a GPU)."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.t = None
+
+    def record(self) -> None:
+        import time
+
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> None:
+    """The GPU bench's orchestration with torch.cuda faked and both loops on the CPU: each
+    loop's steps are timed, the ratio is theirs, and the 16 x 1 row is the plan's first that runs."""
+    from types import SimpleNamespace
+
+    import lowvram.memory
+    import lowvram.train
+    from lowvram._bench import gpu, loops
+    from lowvram.memory import Recipe
+
+    for name, value in {"is_available": True, "is_bf16_supported": False, "synchronize": None,
+                        "empty_cache": None, "reset_peak_memory_stats": None,
+                        "max_memory_allocated": 123 * 2**20}.items():
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _v=value, **k: _v)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(gpu, "gpu_info", lambda: {"name": "Fake GPU"})
+    real_train, real_plain = lowvram.train.train, loops._plain_loop
+    monkeypatch.setattr(lowvram.train, "train", lambda *a, **k: real_train(*a, **{**k, "cpu": True}))
+    monkeypatch.setattr(loops, "_plain_loop", lambda *a: real_plain(*a[:-1], torch.device("cpu")))
+    fused = Recipe("fp16 + fused + chunked loss", "fp16", adamw_impl="fused", loss_chunk_size=8)
+    eight = Recipe("fp16 + chunked loss + 8-bit AdamW", "fp16", "adamw8bit", loss_chunk_size=8)
+    rows = [SimpleNamespace(recipe=Recipe("fp16", "fp16"), micro_batch=4, fits=True),
+            SimpleNamespace(recipe=fused, micro_batch=16, fits=True),
+            SimpleNamespace(recipe=eight, micro_batch=16, fits=True)]
+    monkeypatch.setattr(lowvram.memory, "plan", lambda *a, **k: rows)
+    monkeypatch.setattr(gpu, "get_preset", lambda name: (MODEL, TRAIN))  # tiny, not rtx2050
+    import lowvram.verify  # bitsandbytes would not import under the faked torch.cuda
+
+    monkeypatch.setattr(lowvram.verify, "bitsandbytes_problem", lambda: None)
+
+    specs, notes = gpu.default_gpu_specs()
+    names = [s.name for s in specs]
+    assert names[0] == "fp16 4 x 4 (the lesson's)" and notes[0] == "bf16 4 x 4: not run, this GPU has no bf16"
+    if "adamw_impl" in TrainConfig.__dataclass_fields__:  # the fused row is the plan's first 16 x 1
+        assert names[1].startswith("16 x 1: fp16 + fused + chunked loss")
+    else:
+        assert "cannot be trained yet" in notes[1]
+        assert names[1] == "16 x 1: fp16 + chunked loss + 8-bit AdamW (the plan's best 16 x 1 row)"
+        assert specs[1].train.optimizer == "adamw8bit" and specs[1].model.loss_chunk_size == 8
+    assert (specs[1].train.per_device_train_batch_size, specs[1].train.gradient_accumulation_steps) == (16, 1)
+
+    results = gpu.run_gpu(specs[:1], steps=2, warmup=1)
+    (row,) = results["rows"]
+    assert len(row["lowvram_ms"]) == len(row["plain_ms"]) == 2
+    assert all(positive(x / 1e3) for x in row["lowvram_ms"] + row["plain_ms"])
+    assert row["ratio"] == row["lowvram_median_ms"] / row["plain_median_ms"]
+    assert row["tokens_per_step"] == 4 * 4 * MODEL.block_size  # the 4 x 4 spec
+    assert row["lowvram_peak_bytes"] == row["plain_peak_bytes"] == 123 * 2**20
+    assert results["gpu"] == {"name": "Fake GPU"} and results["notes"] == []
+
+
+def test_gpu_results_from_a_lent_machine_go_into_the_readme(tmp_path: Path, capsys) -> None:
+    from lowvram._bench.gpu import GPU_README_END, GPU_README_START
+
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    results = tmp_path / "bench_gpu.json"
+    results.write_text(json.dumps(_gpu_results()))
+    assert bench.main(["--gpu", "--gpu-results", str(results), "--write-readme",
+                       "--readme", str(readme)]) == 0
+    assert "| fp16 4 x 4 (the lesson's) | 93.1 | 72.7 | **1.281** |" in capsys.readouterr().out
+    text = readme.read_text()
+    section = text[text.index(GPU_README_START):text.index(GPU_README_END)]
+    assert "- **GPU:** NVIDIA H200" in section and "| bf16 4 x 4 | 50.0 |" in section
+    results.write_text("{}")
+    assert bench.main(["--gpu", "--gpu-results", str(results)]) == 2
+    assert "not the JSON of a --gpu --json run (KeyError" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--gpu-results", str(results)])
+    assert "--gpu-results needs --gpu" in capsys.readouterr().err

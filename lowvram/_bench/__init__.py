@@ -8,6 +8,7 @@ From a shell (``make bench`` runs the second line)::
     python -m lowvram._bench --json           # JSON on stdout, the table on stderr
     python -m lowvram._bench --quick          # without the notebooks (the slowest part)
     python -m lowvram._bench --threads 2      # loops at 2 threads only (default: the cores, then 1)
+    python -m lowvram._bench --gpu            # only the GPU part (make bench runs it after the CPU's)
 
 From Python (``tiny_plan()`` runs in seconds; what the tests use)::
 
@@ -18,7 +19,7 @@ From Python (``tiny_plan()`` runs in seconds; what the tests use)::
 This package only re-exports; the code is in its modules: ``suite`` (the plans, ``run_all``),
 ``loops`` (items 1 and 2 below, and bf16 against fp32), ``probes`` (items 3-5), ``report`` (the
 table and the README's section), ``cli`` (``main``, which ``python -m lowvram._bench`` runs) and
-``paths`` (where the repository is).
+``paths`` (where the repository is), ``gpu`` (item 6: the GPU mode, its table and README section).
 
 What is measured. Absolute times on a shared machine are noise, so each figure that has a goal
 is a ratio of two things measured next to each other:
@@ -46,6 +47,11 @@ is a ratio of two things measured next to each other:
 5. **Import cost.** ``import lowvram`` and ``import lowvram.train`` on top of torch + accelerate in
    a fresh interpreter, and whether transformers was imported (it should be only when the LR
    schedule is built).
+6. **On a CUDA GPU** (``--gpu``; ``make bench`` runs it with CUDA visible, after the CPU part,
+   which runs with CUDA hidden): ``train()`` against the same plain loop on the GPU
+   (``torch.autocast`` + ``GradScaler``) on the rtx2050 model, fp16 4 x 4, bf16 4 x 4 and the
+   planner's best 16 x 1 row; ms per step (CUDA events), tokens/s, the ratio (goal <= 1.05) and
+   each run's peak allocated memory. Without a GPU the README's GPU section says so.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import torch
 
 from lowvram._bench.paths import REPO
 from lowvram._bench.report import check_readme, format_table, readme_section, write_readme
@@ -21,7 +24,8 @@ _RECORDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lowvram._bench [--json] [--write-readme] [--quick] [--tiny] [--threads N]``."""
+    """``python -m lowvram._bench [--json] [--write-readme] [--quick] [--tiny] [--threads N]
+    [--gpu]``. On a machine with CUDA the GPU part runs after the CPU's; ``--gpu`` runs only it."""
     parser = argparse.ArgumentParser(
         prog="python -m lowvram._bench",
         description="Benchmarks of lowvram, measured side by side in one run.",
@@ -37,7 +41,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int,
                         help="torch threads of the loop measurements (default: torch's default "
                         "count, then 1)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="only the GPU part: train() against a plain loop on CUDA (without "
+                        "CUDA it says so; --write-readme then writes that into the GPU section)")
+    parser.add_argument("--gpu-results", metavar="JSON",
+                        help="with --gpu: report (and with --write-readme, write) the results of "
+                        "an earlier --gpu --json run, e.g. make test-gpu's bench_gpu.json from a "
+                        "lent GPU machine, instead of measuring here")
     args = parser.parse_args(argv)
+    if args.gpu_results and not args.gpu:
+        parser.error("--gpu-results needs --gpu")
+    if args.gpu:
+        if args.quick or args.tiny or args.threads is not None:
+            parser.error("--gpu takes no --quick/--tiny/--threads: those are the CPU part's")
+        return _gpu_main(args)
     if args.write_readme:  # checked before minutes of measuring, not after
         if args.quick or args.tiny:
             parser.error("--write-readme with --quick/--tiny is not allowed: the README states "
@@ -72,4 +89,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = " ".join([*env, "python -m lowvram._bench", *flags])
         write_readme(readme_section(results, command), args.readme)
         log(f"wrote the Performance section of {args.readme}")
+    if torch.cuda.is_available() and not (args.tiny or args.json):  # `make bench` runs --gpu
+        return _gpu_main(args)
+    return 0
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _gpu_main(args: argparse.Namespace) -> int:
+    """The GPU part: its table (or JSON), and with --write-readme the README's GPU section."""
+    from lowvram._bench.gpu import (
+        GPU_README_END,
+        GPU_README_START,
+        format_gpu_table,
+        gpu_readme_section,
+        not_measured_section,
+        run_gpu,
+    )
+
+    if args.write_readme:
+        try:
+            check_readme(args.readme, GPU_README_START, GPU_README_END)
+        except (FileNotFoundError, ValueError) as err:
+            _log(f"error: {err}")
+            return 2
+    if args.gpu_results:
+        try:
+            results = json.loads(Path(args.gpu_results).read_text(encoding="utf-8"))
+            table = format_gpu_table(results)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            _log(f"error: --gpu-results {args.gpu_results}: not the JSON of a --gpu --json run "
+                 f"({type(err).__name__}: {err})")
+            return 2
+        print(table)
+        if args.write_readme:
+            write_readme(gpu_readme_section(results, "python -m lowvram._bench --gpu --write-readme"),
+                         args.readme, GPU_README_START, GPU_README_END)
+            _log(f"wrote the GPU section of {args.readme} from {args.gpu_results}")
+        return 0
+    if not torch.cuda.is_available():
+        reason = f"torch {torch.__version__}: torch.cuda.is_available() is False"
+        _log(f"GPU bench: not measured ({reason})")
+        if args.json:
+            print(json.dumps({"gpu": None, "rows": [], "notes": [f"not measured: {reason}"]}))
+        if args.write_readme:
+            write_readme(not_measured_section(reason), args.readme, GPU_README_START, GPU_README_END)
+            _log(f"wrote the GPU section of {args.readme} (not measured)")
+        return 0
+    _log("GPU bench: train() against the plain PyTorch loop")
+    results = run_gpu(log=_log)
+    table = format_gpu_table(results)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(results, indent=1))
+    else:
+        print(table)
+    if args.write_readme:
+        write_readme(gpu_readme_section(results, "python -m lowvram._bench --gpu --write-readme"),
+                     args.readme, GPU_README_START, GPU_README_END)
+        _log(f"wrote the GPU section of {args.readme}")
     return 0

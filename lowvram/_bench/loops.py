@@ -66,24 +66,31 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 
 def _plain_loop(
     model_config: ModelConfig, train_config: TrainConfig, total_steps: int,
-    train_data: torch.Tensor, val_data: torch.Tensor,
+    train_data: torch.Tensor, val_data: torch.Tensor, device: torch.device | None = None,
 ) -> Iterator[None]:
     """A hand-written nanoGPT-style loop doing lowvram's work, one optimizer step per ``next``.
 
     The first ``next`` builds everything; the second runs the first step's micro-batches; each
     later one finishes the previous step (clip, AdamW, zero_grad) and runs the next step's
     micro-batches, so it yields where lowvram's ``on_optimizer_step`` callback runs: gradients complete.
+    ``device``: the CPU (default) or a CUDA GPU, where fp16 runs under ``torch.autocast`` with a
+    ``GradScaler`` (unscale, clip, step, update), as in PyTorch's AMP recipe.
     """
     from lowvram.data import build_dataloaders
     from lowvram.model import GPTModel
+    from lowvram.optim import build_optimizer
     from lowvram.precision import resolve_precision
 
+    device = torch.device("cpu") if device is None else device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        precision, _ = resolve_precision(train_config.mixed_precision, torch.device("cpu"))
+        precision, _ = resolve_precision(train_config.mixed_precision, device)
     torch.manual_seed(train_config.seed)
-    model = GPTModel(model_config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.max_lr, weight_decay=train_config.weight_decay)
+    model = GPTModel(model_config).to(device)
+    # as train() does (issue 19): the rows are valid, so no token-range read of each batch
+    # (a host sync on a GPU); a GPTModel without the switch ignores it
+    model.check_token_range = False
+    optimizer = build_optimizer(model.parameters(), train_config)  # the same as train()'s
     train_loader, _ = build_dataloaders(
         train_data, val_data, train_config.per_device_train_batch_size, drop_last=True, seed=train_config.seed
     )
@@ -95,23 +102,30 @@ def _plain_loop(
             return train_config.max_lr * it / warmup
         return train_config.max_lr * max(0.0, (total_steps - it) / max(1, total_steps - warmup))
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
+    # fp16 on CUDA: scale the loss; disabled (a pass-through) everywhere else
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     batches = iter(train_loader)
     model.train()
     yield
     for step in range(total_steps):
         if step > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step - 1)
-            optimizer.step()
+            scaler.step(optimizer)  # skipped if an fp16 gradient overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can
         for _ in range(accum):
             (rows,) = next(batches)
+            rows = rows.to(device)
             X, Y = rows[:, :-1], rows[:, 1:]
             with autocast:
                 logits, loss = model(X, Y)
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()
         yield
 
 

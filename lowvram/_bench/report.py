@@ -188,26 +188,29 @@ def readme_section(results: dict[str, Any], command: str) -> str:
     ])
 
 
-def check_readme(path: str | Path) -> tuple[str, int, int]:
+def check_readme(path: str | Path, start_marker: str = README_START,
+                 end_marker: str = README_END) -> tuple[str, int, int]:
     """``path``'s text and the span between its markers; a clear error if it cannot take one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"readme={str(path)!r} does not exist: pass the project's README.md")
     text = path.read_text(encoding="utf-8")
-    if text.count(README_START) != 1 or text.count(README_END) != 1:
+    if text.count(start_marker) != 1 or text.count(end_marker) != 1:
         raise ValueError(
-            f"{path} has {text.count(README_START)} {README_START!r} and {text.count(README_END)} "
-            f"{README_END!r} markers: it needs exactly one of each, start before end"
+            f"{path} has {text.count(start_marker)} {start_marker!r} and {text.count(end_marker)} "
+            f"{end_marker!r} markers: it needs exactly one of each, start before end"
         )
-    start = text.index(README_START) + len(README_START)
-    end = text.index(README_END)
+    start = text.index(start_marker) + len(start_marker)
+    end = text.index(end_marker)
     if end < start:
-        raise ValueError(f"{path}: {README_END!r} comes before {README_START!r}: swap them")
+        raise ValueError(f"{path}: {end_marker!r} comes before {start_marker!r}: swap them")
     return text, start, end
 
 
-def write_readme(section: str, path: str | Path = REPO / "README.md") -> None:
-    """Replace the text between ``README_START`` and ``README_END`` in ``path`` with ``section``."""
+def write_readme(section: str, path: str | Path = REPO / "README.md",
+                 start_marker: str = README_START, end_marker: str = README_END) -> None:
+    """Replace the text between ``README_START`` and ``README_END`` (or other markers) in
+    ``path`` with ``section``."""
     path = Path(path)
-    text, start, end = check_readme(path)
+    text, start, end = check_readme(path, start_marker, end_marker)
     path.write_text(text[:start] + "\n" + section.strip("\n") + "\n" + text[end:], encoding="utf-8")
