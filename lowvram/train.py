@@ -55,7 +55,12 @@ from torch.nn import functional as F
 from lowvram import checkpoints, outputdir
 from lowvram.config import ADAMW_IMPLS, PRECISIONS, PRESETS, ModelConfig, TrainConfig, get_preset
 from lowvram.data import build_dataloaders, rows_fingerprint, training_rows
-from lowvram.environment import one_process_launch, threads_per_process, training_device
+from lowvram.environment import (
+    one_process_launch,
+    threads_per_process,
+    training_device,
+    warn_if_gpu_left_unused,
+)
 from lowvram.failures import (
     NonFiniteLossError,
     TrainingOutOfMemoryError,
@@ -102,6 +107,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     # lesson: module constants (BLOCK_SIZE, BATCH_SIZE, ...); here the two config dataclasses
     output_dir = Path(train_config.output_dir)
     device = training_device(cpu)
+    warn_if_gpu_left_unused(cpu)  # a CPU build of torch, or a CUDA build on a too-old driver
     precision, reason = resolve_precision(train_config.mixed_precision, device)
 
     # 2. The Accelerator, created inside the function, so that notebook_launcher and accelerate
