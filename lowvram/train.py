@@ -323,10 +323,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--adamw-impl", choices=list(ADAMW_IMPLS),
                         help="torch AdamW's kernel: foreach, fused (no parameter-sized temporary) "
                              "or loop; default: torch's for the device (foreach on CUDA)")
-    parser.add_argument("--tie-embeddings", action="store_true", default=None,
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction,
                         help="share the token embedding with the lm head (vocab x n_embd fewer "
                              "parameters; a different model, so no resuming across it)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", default=None,
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                         help="recompute each block in backward: less activation memory, ~30%% "
                              "more compute")
     parser.add_argument("--loss-chunk-size", type=int, metavar="N",

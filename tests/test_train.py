@@ -470,6 +470,30 @@ def test_cli_speaks_the_planners_recipe_vocabulary(monkeypatch):
     assert build_optimizer(model.parameters(), train_cfg).defaults["fused"] is True
     _, train_cfg = _cli_configs(monkeypatch, "--optimizer", "adamw8bit")
     assert (train_cfg.optimizer, train_cfg.adamw_impl) == ("adamw8bit", None)
+    model_cfg, _ = _cli_configs(monkeypatch, "--no-tie-embeddings", "--no-gradient-checkpointing")
+    assert (model_cfg.tie_embeddings, model_cfg.gradient_checkpointing) == (False, False)
+
+
+def test_every_plan_row_runs_as_printed(monkeypatch):
+    """The planner's rows print their train command (issue 18, item 7): each parses here into
+    exactly the step the row measured (model, micro-batch, accumulation, precision, optimizer)."""
+    import shlex
+
+    from lowvram import memory
+
+    if not hasattr(memory.PlanRow, "train_command"):
+        pytest.skip("the planner prints no train command yet (its branch is merged separately)")
+    for row in memory.plan(MODEL, card_gib=4.0, target_effective_batch=4):
+        argv = shlex.split(row.train_command("tiny"))
+        assert argv[:4] == ["python", "-m", "lowvram.train", "--preset"]
+        model_cfg, train_cfg = _cli_configs(monkeypatch, *argv[5:])
+        recipe = row.recipe
+        assert model_cfg == row.report.model_config, recipe.name
+        assert (train_cfg.per_device_train_batch_size, train_cfg.gradient_accumulation_steps,
+                train_cfg.mixed_precision, train_cfg.optimizer) == (
+            row.micro_batch, row.gradient_accumulation_steps, recipe.precision, recipe.optimizer)
+        if recipe.optimizer == "adamw":  # foreach is torch's default on CUDA, the planner's target
+            assert train_cfg.adamw_impl in (recipe.adamw_impl, None), recipe.name
 
 
 @pytest.mark.parametrize(("options", "message"), [
