@@ -106,8 +106,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     # 1. Configuration: the device and the precision are decided once, before the Accelerator.
     # lesson: module constants (BLOCK_SIZE, BATCH_SIZE, ...); here the two config dataclasses
     output_dir = Path(train_config.output_dir)
-    device = training_device(cpu)
     warn_if_gpu_left_unused(cpu)  # a CPU build of torch, or a CUDA build on a too-old driver
+    device = training_device(cpu)
     precision, reason = resolve_precision(train_config.mixed_precision, device)
 
     # 2. The Accelerator, created inside the function, so that notebook_launcher and accelerate

@@ -209,32 +209,7 @@ def test_verify_gpu_says_loudly_that_torch_is_a_cpu_build(monkeypatch, capsys):
     assert "error: --verify-gpu needs a CUDA GPU" in err
 
 
-def test_training_device_follows_cpu(no_gpu):
-    assert training_device(cpu=True) == torch.device("cpu")
-    assert training_device(cpu=None) == torch.device("cpu")
-    with pytest.raises(ValueError, match="cpu=False but no CUDA GPU is visible"):
-        training_device(cpu=False)
-
-
-def test_training_device_cpu_true_on_a_gpu_machine(rtx2050):
-    assert training_device(cpu=True) == torch.device("cpu")
-    assert training_device(cpu=False) == torch.device("cuda")
-
-
-def test_one_process_launch(monkeypatch):
-    from lowvram.environment import one_process_launch
-
-    for name in ("MASTER_ADDR", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    assert one_process_launch() is None  # plain python
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    assert "accelerate launch --multi_gpu --num_processes 2" in one_process_launch()
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: several processes
-    assert one_process_launch() is None
-
-
-
-# ----------------------------------------------------------------------------- a CUDA build on an old driver
+# --------------------------------------------------------------- a CUDA build on an old driver
 
 _SMI = """Fri Dec  4 14:00:00 2026
 +-----------------------------------------------------------------------------------------+
@@ -364,3 +339,27 @@ def test_train_warns_once_it_knows_the_gpu_is_left_unused(monkeypatch, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # asked for the CPU: nothing to say
         run(tmp_path / "cpu", max_steps=1, cpu=True)
+
+
+def test_training_device_follows_cpu(no_gpu):
+    assert training_device(cpu=True) == torch.device("cpu")
+    assert training_device(cpu=None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="cpu=False but no CUDA GPU is visible"):
+        training_device(cpu=False)
+
+
+def test_training_device_cpu_true_on_a_gpu_machine(rtx2050):
+    assert training_device(cpu=True) == torch.device("cpu")
+    assert training_device(cpu=False) == torch.device("cuda")
+
+
+def test_one_process_launch(monkeypatch):
+    from lowvram.environment import one_process_launch
+
+    for name in ("MASTER_ADDR", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert one_process_launch() is None  # plain python
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert "accelerate launch --multi_gpu --num_processes 2" in one_process_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: several processes
+    assert one_process_launch() is None
