@@ -341,6 +341,19 @@ def test_train_warns_once_it_knows_the_gpu_is_left_unused(monkeypatch, tmp_path)
         run(tmp_path / "cpu", max_steps=1, cpu=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_working_gpu_is_not_reported_and_its_driver_is_read():
+    """On a real GPU: nothing to warn, and the real nvidia-smi header parses (a driver that
+    runs this CUDA build supports at least its CUDA major version)."""
+    from lowvram.environment import gpu_left_unused, nvidia_driver
+
+    assert gpu_left_unused() is None
+    driver, cuda = nvidia_driver()
+    assert driver is not None and int(driver.split(".")[0]) >= 450
+    assert cuda is not None and cuda[0] >= int(torch.version.cuda.split(".")[0])
+
+
 def test_training_device_follows_cpu(no_gpu):
     assert training_device(cpu=True) == torch.device("cpu")
     assert training_device(cpu=None) == torch.device("cpu")

@@ -418,6 +418,21 @@ def test_main_trains_a_recipe_as_the_planner_prints_it(tmp_path):
     assert history["config"]["train"]["adamw_impl"] == "fused"
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_every_adamw_kernel_trains_on_cuda_under_fp16(tmp_path):
+    """On CUDA None is torch's foreach; fused takes the GradScaler's scale and inf check inside
+    its kernel. All are the same AdamW: the same losses to fp16 rounding."""
+    losses = {}
+    for impl in (None, "foreach", "fused", "loop"):
+        history = run(tmp_path / str(impl), mixed_precision="fp16", max_steps=4, adamw_impl=impl)
+        assert history["precision"] == "fp16" and history["skipped_steps"] == 0
+        assert all(s["loss_scale"] for s in history["steps"])
+        losses[impl] = [s["loss"] for s in history["steps"]]
+    for impl in (None, "fused", "loop"):  # (attention's backward may use atomics: not bitwise)
+        assert losses[impl] == pytest.approx(losses["foreach"], rel=1e-3), impl
+
+
 def test_resume_with_another_adamw_kernel_is_allowed(tmp_path):
     """The kernels share the optimizer state, so a run may continue with another one: the
     result equals the uninterrupted run to rounding, and the new checkpoints record the new
