@@ -76,7 +76,7 @@ def run_identity(model_config, train_config, num_processes: int, batches_per_epo
         "num_processes": num_processes,
         "batches_per_epoch": batches_per_epoch,
         "seed": train_config.seed,
-        "optimizer": train_config.optimizer,
+        "optimizer": train_config.optimizer,  # not adamw_impl: another kernel, the same state
         "train_data_sha256": train_data_sha256,
     }
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from lowvram._display import MarkdownTable
 
 __all__ = [
+    "ADAMW_IMPLS",
     "OPTIMIZERS",
     "PRECISIONS",
     "PRESETS",
@@ -30,6 +31,10 @@ __all__ = [
 
 PRECISIONS = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW; bitsandbytes' 8-bit AdamW (lowvram.optim)
+# torch.optim.AdamW's kernels: foreach=True (CUDA's default: one launch per step for all
+# parameters, plus a temporary as large as them), fused=True (one kernel, no temporary), and
+# foreach=False (a Python loop over the parameters, the CPU's default). Same update, same state.
+ADAMW_IMPLS = ("foreach", "fused", "loop")
 
 
 def _require(ok: bool, field: str, value: object, allowed: str) -> None:
@@ -111,6 +116,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # the lesson's clip_grad_norm_(..., 1.0)
     weight_decay: float = 0.01  # torch.optim.AdamW's default, which the seed uses
     optimizer: str = "adamw"  # the lesson's torch.optim.AdamW; "adamw8bit": 2 bytes of state per parameter, not 8
+    adamw_impl: str | None = None  # None: torch's default for the device (foreach on CUDA, loop on CPU)
     eval_interval: int = 0  # evaluate every N optimizer steps (0: only at epoch ends and the end)
     eval_max_batches: int | None = None  # cap validation batches (None: the whole val set)
     checkpoint_interval: int = 0  # save_state every N optimizer steps (0: only at epoch ends)
@@ -174,6 +180,21 @@ class TrainConfig:
             self.optimizer,
             f"one of {', '.join(repr(o) for o in OPTIMIZERS)}",
         )
+        if self.adamw_impl is not None:
+            _require(
+                self.adamw_impl in ADAMW_IMPLS,
+                "adamw_impl",
+                self.adamw_impl,
+                f"None (torch's default for the device) or one of "
+                f"{', '.join(repr(i) for i in ADAMW_IMPLS)}",
+            )
+            _require(
+                self.optimizer == "adamw",
+                "adamw_impl",
+                self.adamw_impl,
+                f"None (unset) with optimizer={self.optimizer!r} (it picks torch.optim.AdamW's kernel; "
+                "bitsandbytes' AdamW8bit has its own)",
+            )
         _require(isinstance(self.drop_last, bool), "drop_last", self.drop_last, "True or False")
         for name in ("output_dir", "data_dir"):
             value = getattr(self, name)

@@ -4,7 +4,12 @@
     optimizer = build_optimizer(model.parameters(), train_config)
 
 - ``"adamw"``: ``torch.optim.AdamW``, the lesson's optimizer: two fp32 moments per parameter
-  (8 bytes/parameter of state).
+  (8 bytes/parameter of state). ``train_config.adamw_impl`` picks its kernel: ``"foreach"``
+  (``foreach=True``), ``"fused"`` (``fused=True``: one kernel per step, no temporary as large as
+  the parameters; on CUDA and, since torch 2.4, on the CPU) or ``"loop"`` (``foreach=False``);
+  None leaves torch's default for the device (foreach on CUDA, loop on the CPU). The kernels
+  compute the same update (to rounding) and keep the same state, so a run may resume with
+  another one.
 - ``"adamw8bit"``: bitsandbytes' ``AdamW8bit``: the two moments are stored in 8 bits with one
   fp32 scale per block of 256 values (about 2 bytes/parameter); tensors under 4096 elements keep
   fp32 moments. It runs on CUDA, and on CPU through bitsandbytes' CPU backend (tested: 0.50.2), so the
@@ -26,9 +31,15 @@ from collections.abc import Iterable
 
 import torch
 
-from lowvram.config import OPTIMIZERS, TrainConfig
+from lowvram.config import ADAMW_IMPLS, OPTIMIZERS, TrainConfig
 
-__all__ = ["OPTIMIZERS", "build_optimizer"]
+__all__ = ["ADAMW_IMPLS", "OPTIMIZERS", "build_optimizer"]
+
+# TrainConfig.adamw_impl -> torch.optim.AdamW's keyword; None passes neither, so torch decides
+# per device at each step (the parameters are still on the CPU when the optimizer is built)
+_ADAMW_KERNELS: dict[str | None, dict[str, bool]] = {
+    None: {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False},
+}
 
 
 def _bitsandbytes():  # type: ignore[no-untyped-def]
@@ -56,7 +67,8 @@ def _bitsandbytes():  # type: ignore[no-untyped-def]
 def build_optimizer(
     params: Iterable[torch.nn.Parameter], train_config: TrainConfig
 ) -> torch.optim.Optimizer:
-    """The optimizer ``train_config.optimizer`` names, over ``params``."""
+    """The optimizer ``train_config.optimizer`` names (with ``train_config.adamw_impl``'s
+    kernel for AdamW), over ``params``."""
     if train_config.optimizer not in OPTIMIZERS:  # a TrainConfig validates it; this is for fakes
         raise ValueError(
             f"optimizer={train_config.optimizer!r} is not allowed: optimizer must be one of "
@@ -65,4 +77,4 @@ def build_optimizer(
     kwargs = {"lr": train_config.max_lr, "weight_decay": train_config.weight_decay}
     if train_config.optimizer == "adamw8bit":
         return _bitsandbytes().optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, **_ADAMW_KERNELS[train_config.adamw_impl])

@@ -16,7 +16,12 @@ Data-parallel, from a notebook (two CPU processes on a machine without a GPU)::
 From the command line (steps are optimizer steps, as in the history)::
 
     python -m lowvram.train --preset cpu-demo --max-steps 200
+    python -m lowvram.train --preset rtx2050 --loss-chunk-size 1024 --optimizer adamw8bit
     accelerate launch --multi_gpu --num_processes 2 -m lowvram.train --preset cpu-demo
+
+(the second: a recipe of the memory planner, spelled as it prints it. Every recipe option of
+``python -m lowvram.memory`` has the same spelling here: ``--tie-embeddings``,
+``--gradient-checkpointing``, ``--loss-chunk-size N``, ``--optimizer``, ``--adamw-impl``.)
 
 (``--multi_gpu`` is accelerate's torchrun launcher: without a GPU each process trains on the
 CPU, data-parallel over gloo. ``accelerate launch --cpu --num_processes 2`` starts only ONE
@@ -48,9 +53,14 @@ from accelerate.utils import set_seed
 from torch.nn import functional as F
 
 from lowvram import checkpoints, outputdir
-from lowvram.config import PRECISIONS, PRESETS, ModelConfig, TrainConfig, get_preset
+from lowvram.config import ADAMW_IMPLS, PRECISIONS, PRESETS, ModelConfig, TrainConfig, get_preset
 from lowvram.data import build_dataloaders, rows_fingerprint, training_rows
-from lowvram.environment import one_process_launch, threads_per_process, training_device
+from lowvram.environment import (
+    one_process_launch,
+    threads_per_process,
+    training_device,
+    warn_if_gpu_left_unused,
+)
 from lowvram.failures import (
     NonFiniteLossError,
     TrainingOutOfMemoryError,
@@ -103,6 +113,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     # 1. Configuration: the device and the precision are decided once, before the Accelerator.
     # lesson: module constants (BLOCK_SIZE, BATCH_SIZE, ...); here the two config dataclasses
     output_dir = Path(train_config.output_dir)
+    warn_if_gpu_left_unused(cpu)  # a CPU build of torch, or a CUDA build on a too-old driver
     device = training_device(cpu)
     precision, reason = resolve_precision(train_config.mixed_precision, device)
 
@@ -335,6 +346,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mixed-precision", choices=list(PRECISIONS))
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS),
                         help="adamw (the lesson's), or adamw8bit (bitsandbytes: 8-bit moments)")
+    # the memory planner's recipe options, spelled as in `python -m lowvram.memory`, so that a
+    # plan row runs as printed; each maps onto the ModelConfig/TrainConfig field of its name
+    parser.add_argument("--adamw-impl", choices=list(ADAMW_IMPLS),
+                        help="torch AdamW's kernel: foreach, fused (no parameter-sized temporary) "
+                             "or loop; default: torch's for the device (foreach on CUDA)")
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction,
+                        help="share the token embedding with the lm head (vocab x n_embd fewer "
+                             "parameters; a different model, so no resuming across it)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        help="recompute each block in backward: less activation memory, ~30%% "
+                             "more compute")
+    parser.add_argument("--loss-chunk-size", type=int, metavar="N",
+                        help="lm head + loss over N tokens at a time, recomputed in backward: "
+                             "no full logits (0: off)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--data-dir")
     parser.add_argument("--checkpoint-every", type=int, dest="checkpoint_interval",
@@ -353,12 +378,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     if problem:
         warnings.warn(problem, UserWarning, stacklevel=1)
     model_config, train_config = get_preset(args.preset)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}  # the options named like its fields
+    given = {k: v for k, v in vars(args).items() if v is not None}  # the options named like fields
+
+    def named_like(config: type) -> dict[str, Any]:
+        return {f.name: given[f.name] for f in dataclasses.fields(config) if f.name in given}
+
     try:
-        train_config = train_config.replace(**{k: v for k, v in vars(args).items()
-                                               if k in fields and v is not None})
-    except ValueError as err:
-        parser.error(str(err))
+        model_config = dataclasses.replace(model_config, **named_like(ModelConfig))
+        train_config = train_config.replace(**named_like(TrainConfig))
+    except ValueError as err:  # "field=value is not allowed: ..." -> "argument --option: ..."
+        field = str(err).split("=", 1)[0]
+        option = next((a.option_strings[0] for a in parser._actions
+                       if a.dest == field and a.option_strings), None)
+        parser.error(f"argument {option}: {err}" if option else str(err))
     try:
         history = train(model_config, train_config, resume_from=args.resume_from,
                         overwrite_output_dir=args.overwrite_output_dir,

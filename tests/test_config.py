@@ -25,6 +25,23 @@ def test_rtx2050_is_exactly_the_seed():
     assert train.max_grad_norm == 1.0
 
 
+def test_adamw_impl_defaults_to_torchs_choice_and_is_validated():
+    from lowvram.config import ADAMW_IMPLS
+
+    assert TrainConfig().adamw_impl is None  # torch's default for the device
+    assert ADAMW_IMPLS == ("foreach", "fused", "loop")
+    for impl in ADAMW_IMPLS:
+        assert TrainConfig(adamw_impl=impl).adamw_impl == impl
+    with pytest.raises(ValueError, match=r"adamw_impl='fast' is not allowed: adamw_impl must be "
+                                         r"None .* 'foreach', 'fused', 'loop'"):
+        TrainConfig(adamw_impl="fast")
+    # the 8-bit optimizer is bitsandbytes' own kernel: a torch kernel there would be ignored
+    with pytest.raises(ValueError, match=r"adamw_impl='fused' is not allowed: .* None \(unset\) "
+                                         r"with optimizer='adamw8bit'"):
+        TrainConfig(optimizer="adamw8bit", adamw_impl="fused")
+    assert TrainConfig(optimizer="adamw8bit").adamw_impl is None
+
+
 def test_effective_batch_is_derived_not_stored():
     train = TrainConfig(per_device_train_batch_size=3, gradient_accumulation_steps=5)
     assert "effective_batch_size" not in {f.name for f in dataclasses.fields(TrainConfig)}

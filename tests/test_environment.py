@@ -123,6 +123,7 @@ def _fake_machine(monkeypatch, *, cuda_build: str | None, nvidia_smi: bool, proc
 
     monkeypatch.setattr(torch.version, "cuda", cuda_build)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # make test hides CUDA with it
     real_which, real_exists = shutil.which, os.path.exists
     monkeypatch.setattr(
         env.shutil,
@@ -151,14 +152,13 @@ def test_a_cpu_build_on_a_gpu_machine_is_said_loudly_first(monkeypatch, nvidia_s
     assert "torch==2.13.0" in CUDA_TORCH_FIX and "--index-url" in CUDA_TORCH_FIX
 
 
-@pytest.mark.parametrize(
-    ("cuda_build", "nvidia_smi"), [(None, False), ("13.0", True), ("12.8", False)]
-)
+@pytest.mark.parametrize(("cuda_build", "nvidia_smi"), [(None, False), ("12.8", False)])
 def test_no_warning_without_a_gpu_or_with_a_cuda_build(monkeypatch, cuda_build, nvidia_smi):
-    from lowvram.environment import cpu_build_on_gpu_machine
+    """A CPU machine says nothing, with a CPU build or Linux's PyPI torch (a CUDA build)."""
+    from lowvram.environment import cpu_build_on_gpu_machine, gpu_left_unused
 
     _fake_machine(monkeypatch, cuda_build=cuda_build, nvidia_smi=nvidia_smi, proc_driver=False)
-    assert cpu_build_on_gpu_machine() is None
+    assert cpu_build_on_gpu_machine() is None and gpu_left_unused() is None
     assert environment_summary("fp16").startswith("python ")
 
 
@@ -207,6 +207,151 @@ def test_verify_gpu_says_loudly_that_torch_is_a_cpu_build(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("WARNING: this machine has an NVIDIA GPU") and CUDA_TORCH_FIX in err
     assert "error: --verify-gpu needs a CUDA GPU" in err
+
+
+# --------------------------------------------------------------- a CUDA build on an old driver
+
+_SMI = """Fri Dec  4 14:00:00 2026
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI {driver}              Driver Version: {driver}      CUDA Version: {cuda}     |
+|-----------------------------------------+------------------------+----------------------+
+| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
+|   0  NVIDIA GeForce RTX 2050        Off |   00000000:01:00.0 Off |                  N/A |
+"""
+
+
+def _driver(monkeypatch, *, smi: str | None = None, proc: str | None = None) -> None:
+    """What nvidia-smi prints (None: missing or failing) and /proc/driver/nvidia/version holds."""
+    import lowvram.environment as env
+
+    monkeypatch.setattr(env, "_run_nvidia_smi", lambda: smi)
+    monkeypatch.setattr(env, "_read_proc_driver", lambda: proc)
+
+
+@pytest.mark.parametrize(("smi", "proc", "expected"), [
+    (_SMI.format(driver="550.54.15", cuda="12.4"), None, ("550.54.15", (12, 4))),
+    (_SMI.format(driver="572.16", cuda="12.8"), None, ("572.16", (12, 8))),  # Windows
+    (_SMI.format(driver="580.65.06", cuda="13.0"), None, ("580.65.06", (13, 0))),
+    # without a working nvidia-smi: the driver from /proc, the CUDA from its branch (at least)
+    (None, "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 "
+           "UTC 2023\nGCC version:  gcc version 12.3.0", ("535.104.05", (12, 0))),
+    (None, "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.07  Release Build",
+     ("570.133.07", (12, 8))),
+    (None, "NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.256.02", ("470.256.02", None)),
+    (None, None, (None, None)),
+])  # fmt: skip
+def test_the_drivers_version_and_cuda_are_read(monkeypatch, smi, proc, expected):
+    from lowvram.environment import nvidia_driver
+
+    _driver(monkeypatch, smi=smi, proc=proc)
+    assert nvidia_driver() == expected
+
+
+@pytest.mark.parametrize(("driver_cuda", "wheel"), [
+    ((13, 1), "cu130"), ((13, 0), "cu130"), ((12, 9), "cu128"), ((12, 8), "cu128"),
+    ((12, 7), "cu126"), ((12, 6), "cu126"),
+    ((12, 2), "cu126"),  # CUDA 12 minor version compatibility: any 12.x driver (>= 525)
+    ((11, 8), None),  # no CUDA 11 build of this torch
+])  # fmt: skip
+def test_the_wheel_for_a_driver(driver_cuda, wheel):
+    from lowvram.environment import cuda_wheel_for
+
+    assert cuda_wheel_for(driver_cuda) == wheel
+
+
+@pytest.mark.parametrize(("driver", "cuda", "wheel"), [
+    ("550.54.15", "12.4", "cu126"), ("572.16", "12.8", "cu128"), ("565.90", "12.7", "cu126"),
+])  # fmt: skip
+def test_a_cuda_13_build_on_a_cuda_12_driver_names_the_wheel_that_runs(monkeypatch, driver,
+                                                                       cuda, wheel):
+    from lowvram.environment import (
+        cpu_build_on_gpu_machine,
+        cuda_build_on_old_driver,
+        cuda_torch_fix,
+        gpu_left_unused,
+    )
+
+    _fake_machine(monkeypatch, cuda_build="13.0", nvidia_smi=True, proc_driver=False)
+    _driver(monkeypatch, smi=_SMI.format(driver=driver, cuda=cuda))
+    problem = cuda_build_on_old_driver()
+    assert problem is not None and problem.startswith("WARNING: this machine has an NVIDIA GPU")
+    assert "(a CUDA 13.0 build) cannot use it: torch.cuda.is_available() is False" in problem
+    assert f"The driver is too old for a CUDA 13.0 build (driver {driver}: CUDA up to {cuda})" \
+        in problem
+    assert f"\n    {cuda_torch_fix(wheel)}\n" in problem
+    assert "or update the NVIDIA driver (a driver >= 580 runs every build" in problem
+    assert cpu_build_on_gpu_machine() is None and gpu_left_unused() == problem
+    assert environment_summary("fp16").startswith(problem + "\n")  # first, as the CPU build's
+
+
+def test_a_driver_too_old_for_any_build_says_update_it(monkeypatch):
+    from lowvram.environment import cuda_build_on_old_driver
+
+    _fake_machine(monkeypatch, cuda_build="12.8", nvidia_smi=True, proc_driver=False)
+    _driver(monkeypatch, smi=_SMI.format(driver="470.256.02", cuda="11.4"))
+    problem = cuda_build_on_old_driver()
+    assert "too old for a CUDA 12.8 build (driver 470.256.02: CUDA up to 11.4)" in problem
+    assert "CUDA 12 needs a driver >= 525): update the NVIDIA driver" in problem
+    assert "pip install" not in problem
+
+
+def test_an_unreadable_driver_version_says_how_to_read_it(monkeypatch):
+    from lowvram.environment import cuda_build_on_old_driver, cuda_torch_fix
+
+    _fake_machine(monkeypatch, cuda_build="13.0", nvidia_smi=False, proc_driver=True)
+    _driver(monkeypatch)  # nvidia-smi fails, /proc unreadable
+    problem = cuda_build_on_old_driver()
+    assert "probably too old for CUDA 13.0" in problem and "run nvidia-smi" in problem
+    assert cuda_torch_fix("cu126") in problem
+
+
+def test_a_new_enough_driver_is_not_blamed(monkeypatch):
+    from lowvram.environment import cuda_build_on_old_driver
+
+    _fake_machine(monkeypatch, cuda_build="12.8", nvidia_smi=True, proc_driver=False)
+    _driver(monkeypatch, smi=_SMI.format(driver="580.65.06", cuda="13.0"))
+    problem = cuda_build_on_old_driver()
+    assert "The driver is not too old (driver 580.65.06: CUDA up to 13.0)" in problem
+    assert "torch.cuda.init()" in problem and "too old for" not in problem
+
+
+def test_no_old_driver_warning_where_torch_uses_the_gpu_or_it_is_hidden(monkeypatch):
+    from lowvram.environment import cuda_build_on_old_driver
+
+    _fake_machine(monkeypatch, cuda_build="13.0", nvidia_smi=True, proc_driver=False)
+    _driver(monkeypatch, smi=_SMI.format(driver="550.54.15", cuda="12.4"))
+    assert cuda_build_on_old_driver() is not None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose (make test's nbval)
+    assert cuda_build_on_old_driver() is None
+    assert environment_summary("fp16").startswith("python ")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cuda_build_on_old_driver() is None
+
+
+def test_train_warns_once_it_knows_the_gpu_is_left_unused(monkeypatch, tmp_path):
+    from conftest import run
+
+    _fake_machine(monkeypatch, cuda_build="13.0", nvidia_smi=True, proc_driver=False)
+    _driver(monkeypatch, smi=_SMI.format(driver="550.54.15", cuda="12.4"))
+    with pytest.warns(UserWarning, match="The driver is too old for a CUDA 13.0 build"):
+        run(tmp_path / "auto", max_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # asked for the CPU: nothing to say
+        run(tmp_path / "cpu", max_steps=1, cpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_working_gpu_is_not_reported_and_its_driver_is_read():
+    """On a real GPU: nothing to warn, and the real nvidia-smi header parses (a driver that
+    runs this CUDA build supports at least its CUDA major version)."""
+    from lowvram.environment import gpu_left_unused, nvidia_driver
+
+    assert gpu_left_unused() is None
+    driver, cuda = nvidia_driver()
+    assert driver is not None and int(driver.split(".")[0]) >= 450
+    assert cuda is not None and cuda[0] >= int(torch.version.cuda.split(".")[0])
 
 
 def test_training_device_follows_cpu(no_gpu):

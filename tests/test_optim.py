@@ -1,6 +1,7 @@
 """lowvram.optim: the optimizer TrainConfig.optimizer names, and the 8-bit state layout that
 the memory planner assumes, held against the real bitsandbytes optimizer."""
 
+import copy
 import math
 
 import pytest
@@ -69,3 +70,51 @@ def test_planner_layout_has_the_bytes_of_the_real_8bit_state():
     blocks = sum(math.ceil(p.numel() / 256) for p in real_model.parameters() if p.numel() >= 4096)
     expected = 2 * n_big + 8 * blocks + 8 * n_small + 2 * 256 * 4
     assert state_bytes(real) == state_bytes(layout) == expected
+
+
+@pytest.mark.parametrize(("impl", "flags"), [
+    (None, {"foreach": None, "fused": None}),  # torch decides per device at each step
+    ("foreach", {"foreach": True, "fused": None}),
+    ("fused", {"foreach": None, "fused": True}),
+    ("loop", {"foreach": False, "fused": None}),
+])  # fmt: skip
+def test_adamw_impl_picks_torchs_kernel(impl, flags):
+    opt = build_optimizer(GPTModel(CFG).parameters(), TrainConfig(adamw_impl=impl))
+    assert type(opt) is torch.optim.AdamW
+    assert {k: opt.defaults[k] for k in flags} == flags
+
+
+def _trained(impl: str | None, steps: int = 3) -> tuple[dict, torch.optim.Optimizer, GPTModel]:
+    torch.manual_seed(0)
+    model = GPTModel(CFG)
+    opt = build_optimizer(model.parameters(), TrainConfig(adamw_impl=impl, max_lr=1e-3))
+    _steps(model, opt, steps)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, opt, model
+
+
+def test_every_kernel_computes_the_same_update_and_none_is_the_cpu_loop():
+    default, _, _ = _trained(None)
+    loop, _, _ = _trained("loop")
+    # None on the CPU is torch's per-parameter loop: a run without adamw_impl is bit-identical
+    assert all(torch.equal(default[k], loop[k]) for k in default)
+    for impl in ("foreach", "fused"):
+        other, _, _ = _trained(impl)
+        worst = max((other[k] - loop[k]).abs().max().item() for k in loop)
+        assert worst < 1e-5, (impl, worst)  # the same AdamW, to rounding
+    assert not all(torch.equal(default[k], _trained(None, 4)[0][k]) for k in default)  # it trains
+
+
+def test_a_kernels_state_loads_into_another():
+    """Why a run may resume with another adamw_impl: the state is the same (exp_avg, exp_avg_sq,
+    step), so a fused optimizer's state continues in the loop kernel as in the fused one."""
+    _, fused, model = _trained("fused", 2)
+    state = copy.deepcopy(fused.state_dict())  # as saved: state_dict() shares the tensors
+    twin = GPTModel(CFG)
+    twin.load_state_dict(model.state_dict())
+    loop = build_optimizer(twin.parameters(), TrainConfig(adamw_impl="loop", max_lr=1e-3))
+    loop.load_state_dict(state)
+    _steps(model, fused, 2)
+    _steps(twin, loop, 2)
+    worst = max((a - b).abs().max().item()
+                for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+    assert worst < 1e-5

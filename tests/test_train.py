@@ -318,6 +318,165 @@ def test_main(tmp_path):
         main(["--preset", "tiny", "--max-steps", "0"])
 
 
+# ----------------------------------------------------------------------------- recipe options
+
+
+def _cli_configs(monkeypatch, *options: str):
+    """The (ModelConfig, TrainConfig) that ``main`` hands to ``train`` for ``options``."""
+    import lowvram.train as T
+
+    got = {}
+    monkeypatch.setattr(T, "train", lambda m, t, **kw: got.update(model=m, train=t) or {})
+    T.main(["--preset", "tiny", "--no-progress", *options])
+    return got["model"], got["train"]
+
+
+def test_cli_speaks_the_planners_recipe_vocabulary(monkeypatch):
+    """Every recipe option of the memory planner reaches the config field of its name, and
+    from there the built model and optimizer; options not given keep the preset's values."""
+    from lowvram.optim import build_optimizer
+
+    assert _cli_configs(monkeypatch) == get_preset("tiny")
+    model_cfg, train_cfg = _cli_configs(
+        monkeypatch, "--tie-embeddings", "--gradient-checkpointing", "--loss-chunk-size", "8",
+        "--adamw-impl", "fused", "--per-device-train-batch-size", "3",
+        "--gradient-accumulation-steps", "1", "--mixed-precision", "bf16")  # fmt: skip
+    assert model_cfg == dataclasses.replace(MODEL, tie_embeddings=True,
+                                            gradient_checkpointing=True, loss_chunk_size=8)
+    assert train_cfg == TRAIN.replace(adamw_impl="fused", per_device_train_batch_size=3,
+                                      gradient_accumulation_steps=1, mixed_precision="bf16")
+    model = GPTModel(model_cfg)
+    assert model.lm_head.weight is model.wte.weight  # tied
+    assert (model.config.gradient_checkpointing, model.config.loss_chunk_size) == (True, 8)
+    assert build_optimizer(model.parameters(), train_cfg).defaults["fused"] is True
+    _, train_cfg = _cli_configs(monkeypatch, "--optimizer", "adamw8bit")
+    assert (train_cfg.optimizer, train_cfg.adamw_impl) == ("adamw8bit", None)
+    model_cfg, _ = _cli_configs(monkeypatch, "--no-tie-embeddings", "--no-gradient-checkpointing")
+    assert (model_cfg.tie_embeddings, model_cfg.gradient_checkpointing) == (False, False)
+
+
+def test_every_plan_row_runs_as_printed(monkeypatch):
+    """The planner's rows print their train command (issue 18, item 7): each parses here into
+    exactly the step the row measured (model, micro-batch, accumulation, precision, optimizer)."""
+    import shlex
+
+    from lowvram import memory
+
+    if not hasattr(memory.PlanRow, "train_command"):
+        pytest.skip("the planner prints no train command yet (its branch is merged separately)")
+    for row in memory.plan(MODEL, card_gib=4.0, target_effective_batch=4):
+        argv = shlex.split(row.train_command("tiny"))
+        assert argv[:4] == ["python", "-m", "lowvram.train", "--preset"]
+        model_cfg, train_cfg = _cli_configs(monkeypatch, *argv[5:])
+        recipe = row.recipe
+        assert model_cfg == row.report.model_config, recipe.name
+        assert (train_cfg.per_device_train_batch_size, train_cfg.gradient_accumulation_steps,
+                train_cfg.mixed_precision, train_cfg.optimizer) == (
+            row.micro_batch, row.gradient_accumulation_steps, recipe.precision, recipe.optimizer)
+        if recipe.optimizer == "adamw":  # foreach is torch's default on CUDA, the planner's target
+            assert train_cfg.adamw_impl in (recipe.adamw_impl, None), recipe.name
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--loss-chunk-size", "-1"], "argument --loss-chunk-size: loss_chunk_size=-1 is not allowed"),
+    (["--optimizer", "adamw8bit", "--adamw-impl", "fused"],
+     "argument --adamw-impl: adamw_impl='fused' is not allowed: adamw_impl must be None (unset) "
+     "with optimizer='adamw8bit'"),
+    (["--per-device-train-batch-size", "0"],
+     "argument --per-device-train-batch-size: per_device_train_batch_size=0 is not allowed"),
+    (["--checkpoint-every", "-2"], "argument --checkpoint-every: checkpoint_interval=-2"),
+    (["--adamw-impl", "fast"], "argument --adamw-impl: invalid choice: 'fast'"),  # argparse's
+])  # fmt: skip
+def test_cli_errors_name_the_option(monkeypatch, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_:
+        _cli_configs(monkeypatch, *options)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("plain"), max_steps=3)
+
+
+@pytest.mark.parametrize(("model_changes", "train_changes"), [
+    ({"gradient_checkpointing": True}, {}),
+    ({"loss_chunk_size": 8}, {}),  # 2 x 16 tokens per micro-batch: 4 chunks
+    ({}, {"adamw_impl": "foreach"}),
+    ({}, {"adamw_impl": "fused"}),
+    ({}, {"adamw_impl": "loop"}),
+])  # fmt: skip
+def test_train_runs_each_recipe_and_computes_the_same_run(tmp_path, plain_run, model_changes,
+                                                          train_changes):
+    """These recipes change where memory goes, not the arithmetic: the same losses as the plain
+    run (to rounding; the CPU's default AdamW kernel is the loop, so "loop" is bitwise)."""
+    model_cfg = dataclasses.replace(MODEL, **model_changes)
+    history = run(tmp_path / "run", model=model_cfg, max_steps=3, **train_changes)
+    recorded = {**history["config"]["model"], **history["config"]["train"]}
+    assert {**model_changes, **train_changes}.items() <= recorded.items()
+    losses = [s["loss"] for s in history["steps"]]
+    assert losses == pytest.approx([s["loss"] for s in plain_run["steps"]], abs=1e-5)
+    if train_changes == {"adamw_impl": "loop"}:
+        assert losses == [s["loss"] for s in plain_run["steps"]]
+
+
+def test_train_runs_tied_and_fused_under_fp16s_grad_scaler(tmp_path):
+    """A tied model is another model (fewer parameters, other losses); fused AdamW under fp16
+    takes the GradScaler's scale and inf check itself (on the CPU too, forced as on the card)."""
+    tied = run(tmp_path / "tied", model=dataclasses.replace(MODEL, tie_embeddings=True),
+               max_steps=3, adamw_impl="fused", fp16=True)
+    assert tied["config"]["model"]["tie_embeddings"] and tied["precision"] == "fp16"
+    assert all(math.isfinite(s["loss"]) and s["loss_scale"] for s in tied["steps"])
+    # one matrix serves both ends: the saved weights are vocab x n_embd fewer than untied
+    saved = sum(t.numel() for t in weights(tmp_path / "tied").values())
+    plain = sum(p.numel() for p in GPTModel(MODEL).state_dict().values())
+    assert saved == plain - MODEL.vocab_size * MODEL.n_embd
+
+
+def test_main_trains_a_recipe_as_the_planner_prints_it(tmp_path):
+    write_data(tmp_path / "data", 32)
+    out = tmp_path / "out"
+    main(["--preset", "tiny", "--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
+          "--max-steps", "2", "--per-device-train-batch-size", "4",
+          "--gradient-accumulation-steps", "1", "--loss-chunk-size", "16",
+          "--gradient-checkpointing", "--adamw-impl", "fused", "--no-progress"])  # fmt: skip
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["steps"]) == 2 and history["effective_batch_size"] == 4
+    assert history["config"]["model"]["loss_chunk_size"] == 16
+    assert history["config"]["model"]["gradient_checkpointing"] is True
+    assert history["config"]["train"]["adamw_impl"] == "fused"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_every_adamw_kernel_trains_on_cuda_under_fp16(tmp_path):
+    """On CUDA None is torch's foreach; fused takes the GradScaler's scale and inf check inside
+    its kernel. All are the same AdamW: the same losses to fp16 rounding."""
+    losses = {}
+    for impl in (None, "foreach", "fused", "loop"):
+        history = run(tmp_path / str(impl), mixed_precision="fp16", max_steps=4, adamw_impl=impl)
+        assert history["precision"] == "fp16" and history["skipped_steps"] == 0
+        assert all(s["loss_scale"] for s in history["steps"])
+        losses[impl] = [s["loss"] for s in history["steps"]]
+    for impl in (None, "fused", "loop"):  # (attention's backward may use atomics: not bitwise)
+        assert losses[impl] == pytest.approx(losses["foreach"], rel=1e-3), impl
+
+
+def test_resume_with_another_adamw_kernel_is_allowed(tmp_path):
+    """The kernels share the optimizer state, so a run may continue with another one: the
+    result equals the uninterrupted run to rounding, and the new checkpoints record the new
+    kernel."""
+    full = run(tmp_path / "full", max_steps=4, checkpoint_interval=2, adamw_impl="fused")
+    resumed = run(tmp_path / "resumed", max_steps=4, adamw_impl="loop",
+                  resume_from=tmp_path / "full/checkpoints/step_000002")
+    assert [s["loss"] for s in resumed["steps"]] == pytest.approx(
+        [s["loss"] for s in full["steps"]], abs=1e-5)
+    assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "resumed")) < 1e-5
+    assert resumed["config"]["train"]["adamw_impl"] == "loop"
+    manifest = json.loads((tmp_path / "resumed/checkpoints/step_000004/manifest.json").read_text())
+    assert manifest["train"]["adamw_impl"] == "loop"
+
+
 # ----------------------------------------------------------------------------- two processes
 
 
