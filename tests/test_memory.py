@@ -148,7 +148,8 @@ def test_cuda_target_models_the_cuda_autocast_loss() -> None:
 
 def test_cuda_target_counts_workspace_and_overheads() -> None:
     r = measure_step(CFG, 4)
-    assert r.at_peak["cublas_workspace"] == memory.CUBLAS_WORKSPACE_BYTES == 8_519_680
+    # one workspace for the main thread, one for the autograd engine's backward thread
+    assert r.at_peak["cublas_workspace"] == 2 * memory.CUBLAS_WORKSPACE_BYTES == 2 * 8_519_680
     assert r.overheads["cuda_context"] == CUDA_CONTEXT_BYTES
     assert r.overheads["allocator_cache"] == r.reserved_bytes - r.peak_bytes >= 0
     assert r.total_bytes == r.reserved_bytes + CUDA_CONTEXT_BYTES
@@ -160,7 +161,7 @@ def test_cuda_target_counts_workspace_and_overheads() -> None:
     assert not r.fits(free_bytes=r.reserved_bytes + 300 * MiB - 1)
     assert r.peak_bytes % 512 == 0  # every block is a multiple of 512 bytes
     hopper = measure_step(CFG, 4, cuda_capability=(9, 0))
-    assert hopper.at_peak["cublas_workspace"] == 32 * MiB
+    assert hopper.at_peak["cublas_workspace"] == 2 * 32 * MiB
 
 
 def test_seed_config_numbers() -> None:
@@ -242,15 +243,15 @@ def test_plan_keeps_the_exact_effective_batch() -> None:
     def total(micro: int) -> int:
         return measure_step(big, micro, recipe, gradient_accumulation_steps=2).total_bytes
 
-    # a card on which 5 and 6 sequences fit with accumulation (>= 2), inside the headroom, 7 not
+    # a card on which 5 sequences fit with accumulation (>= 2), inside the headroom, 6 not
     card_gib = (total(5) + 300 * MiB) / GiB
-    assert total(6) == total(5) < total(7) == total(8)
+    assert total(4) <= total(5) < total(6) == total(8)
     (row,) = plan(big, card_gib=card_gib, target_effective_batch=16, recipes=[recipe], largest=True)
-    # 6 fits but does not divide 16: the largest divisor that fits is 4, so 4 x 4 = 16
+    # 5 fits but does not divide 16: the largest divisor that fits is 4, so 4 x 4 = 16
     assert (row.micro_batch, row.accumulation, row.effective_batch) == (4, 4, 16)
     assert row.report is not None and row.report.fits(card_gib) and row.report.micro_batch == 4
     assert row.report.gradient_accumulation_steps == row.gradient_accumulation_steps == 4
-    assert row.largest_micro_batch == 6  # shown separately
+    assert row.largest_micro_batch == 5  # shown separately
     (odd,) = plan(big, card_gib=card_gib, target_effective_batch=15, recipes=[recipe])
     assert (odd.micro_batch, odd.accumulation) == (5, 3) and odd.largest_micro_batch is None
     # a card too small for one sequence, and one large enough for the whole target batch
@@ -269,10 +270,10 @@ def test_chunked_loss_removes_the_logits_from_the_step() -> None:
     logits_elements = 4 * CFG.block_size * CFG.vocab_size
     plain = measure_step(CFG, 4, "fp16")
     chunked = measure_step(CFG, 4, "fp16", loss_chunk_size=64)
-    # CUDA fp16 keeps the 16-bit logits, their 16-bit log-softmax and an fp32 copy: 8 bytes
-    # per logit; chunked keeps none of them past the forward
+    # train() under CUDA fp16 keeps accelerate's fp32 copy of the logits, their 16-bit
+    # log-softmax and nll_loss's fp32 copy: 10 bytes per logit; chunked keeps none of them
     saved = plain.activations_detail["head_and_loss"] - chunked.activations_detail["head_and_loss"]
-    assert saved == pytest.approx(8 * logits_elements, rel=0.05)
+    assert saved == pytest.approx(10 * logits_elements, rel=0.05)
     # what stays is ln_f's fp32 output (B x T x C x 4 bytes) and its statistics
     assert 4 * 4 * CFG.block_size * CFG.n_embd <= chunked.activations_detail["head_and_loss"] < 0.1 * plain.activations_detail["head_and_loss"]
     assert chunked.peak_bytes < plain.peak_bytes
@@ -349,7 +350,7 @@ def test_cli_json_has_the_peak_every_part_and_the_verdict(capsys: pytest.Capture
     assert out["usable_bytes"] == 3796 * MiB
     expected = measure_step(get_preset("tiny")[0], 2, Recipe(
         precision="bf16", adamw_impl="fused", tie_embeddings=True, gradient_checkpointing=True,
-        loss_chunk_size=8))
+        loss_chunk_size=8), gradient_accumulation_steps=2)  # the preset's accumulation
     assert out["peak_bytes"] == expected.peak_bytes
 
 

@@ -62,7 +62,8 @@ What ``target="cuda"`` (the default) adds, to predict a CUDA GPU instead of this
   ``reserved_bytes`` what ``torch.cuda.max_memory_reserved()`` reports (cached segments are never
   given back, as on a card with room to spare).
 - The cuBLAS workspace (8 MiB on an RTX 2050), allocated at the first matmul through the caching
-  allocator, so it is part of ``max_memory_allocated`` since PyTorch 2.0 (pytorch#95668).
+  allocator, so it is part of ``max_memory_allocated`` since PyTorch 2.0 (pytorch#95668); twice,
+  since cuBLAS keeps one per thread's handle and backward runs in the autograd engine's thread.
 - Outside the allocator: the CUDA context (:data:`CUDA_CONTEXT_BYTES`). ``total_bytes`` is
   ``reserved_bytes`` plus the context; :meth:`MemoryReport.fits` holds it against the card minus
   a reserve of max(5%, 300 MiB) (:func:`reserve_bytes`, which says why).
