@@ -284,6 +284,7 @@ def run_steps(
     steps: int = 2,
     accumulation: int = 1,
     as_train: bool = True,
+    shortcut: bool = False,
 ) -> None:
     """The loop body of ``lowvram.train.train()``, ``steps`` optimizer steps of ``accumulation``
     micro-batches each; ``on_phase(step, phase, micro)`` marks each phase's start (and
@@ -302,14 +303,23 @@ def run_steps(
       ``update`` and ``zero_grad(set_to_none=True)``.
 
     ``as_train=False`` is the plain loop of the lesson's notebooks (no fp32 copy, no scaler).
+
+    ``shortcut=True`` (what ``measure_fake`` runs, with ``steps=2``): for accumulation >= 2 the
+    1st step runs only its 1st micro-batch and keeps its gradients (no ``zero_grad``), and the
+    2nd step only its last micro-batch, which so starts as every later micro-batch of a real
+    step does: the gradients and the previous ``logits, loss`` alive, the AdamW state made.
+    Its peaks are the full loop's (a 1st micro-batch has less alive than a later one), at 2
+    forward/backward passes instead of ``2 * accumulation``.
     """
     X, Y = batch[:, :-1], batch[:, 1:]  # as the lesson splits a (B, block_size + 1) batch
     autocast = torch.autocast(device_type, dtype=_DTYPES[precision], enabled=precision != "no")
     chunk = model.config.loss_chunk_size
     scaler = torch.amp.GradScaler(device_type) if as_train and precision == "fp16" else None
     logits = loss = None  # train() keeps both until the next forward returns
+    short = shortcut and accumulation > 1
     for step in range(steps):
-        for micro in range(accumulation):
+        micros = range(accumulation) if not short else [0] if step == 0 else [accumulation - 1]
+        for micro in micros:
             on_phase(step, "forward", micro)
             with autocast:
                 if cuda_loss and chunk:
@@ -335,7 +345,7 @@ def run_steps(
                 scaled = scaler.scale(scaled)
             scaled.backward()
             del scaled
-        on_phase(step, "optimizer", accumulation - 1)
+        on_phase(step, "optimizer", micros[-1])
         if scaler is not None:
             scaler.unscale_(optimizer)  # accelerator.clip_grad_norm_ unscales first
         if max_grad_norm is not None:
@@ -343,7 +353,8 @@ def run_steps(
         optimizer.step()  # GradScaler.step skips this only on an inf (not measured)
         if scaler is not None:
             scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        if not (short and step == 0):  # the shortcut keeps them: the 2nd step's micro-batch
+            optimizer.zero_grad(set_to_none=True)  # is then a later one
     on_phase(steps, "end", 0)
     del logits, loss
 
@@ -373,6 +384,7 @@ def measure_fake(
     max_grad_norm: float | None,
     cuda_capability: tuple[int, int],
     accumulation: int = 1,
+    shortcut: bool = True,
 ) -> MemoryReport:
     """Two optimizer steps of ``GPTModel(cfg)`` on fake tensors, ``accumulation`` micro-batches
     each; the report of the 2nd (memoised). Its peak is the same for any accumulation >= 2
@@ -389,7 +401,7 @@ def measure_fake(
     last = accumulation - 1
 
     def on_phase(step: int, phase: str, micro: int) -> None:
-        if (step, phase, micro) == (1, "forward", 0):
+        if step == 1 and phase == "forward" and not tracker.window_open:
             tracker.open_window()  # the step's peak starts here: once, at its first micro-batch
         if (step, phase, micro) == (1, "backward", last):  # end of the step's last forward
             detail = dict.fromkeys(ACTIVATION_PARTS, 0)
@@ -420,7 +432,7 @@ def measure_fake(
                 precision=recipe.precision, device_type="cpu",
                 cuda_loss=cuda and recipe.precision != "no", keep_logits=recipe.keep_logits,
                 max_grad_norm=max_grad_norm, foreach_clip=True, on_phase=on_phase,
-                accumulation=accumulation,
+                accumulation=accumulation, shortcut=shortcut,
             )
 
     at_peak = dict.fromkeys(COMPONENTS, 0)
