@@ -122,8 +122,8 @@ def plan(
     ``free_bytes``: plan for what ``torch.cuda.mem_get_info()`` says is free.
 
     Fast: within one recipe memory grows linearly with the micro-batch (at a fixed accumulation
-    regime), so two measured points predict every candidate; the predicted answer is then
-    measured, and its neighbour too when the prediction is a close call (:class:`_Search`).
+    regime) and with the layers, so a few measurements of 1- and 2-layer models predict every
+    candidate; the predicted answer and the next one up are then measured (:class:`_Search`).
     """
     check_card(card_gib)
     ok = isinstance(target_effective_batch, int) and not isinstance(target_effective_batch, bool)
@@ -154,10 +154,6 @@ class _Search:
     1, or accumulation >= 2 (which all have the same peak: the gradients alive in backward).
     A micro-batch below the target needs accumulation >= 2, the target itself 1."""
 
-    # A prediction this close to the limit is measured, not trusted: 1% of the limit, and at
-    # least two of the allocator's 20 MiB segments (reserved memory grows in such steps).
-    CLOSE, CLOSE_MIN = 0.01, 40 * 2**20
-
     def __init__(self, model_config: ModelConfig, recipe: Recipe, card_gib: float,
                  free_bytes: int | None, target: int) -> None:
         self.model_config, self.recipe, self.target = model_config, recipe, target
@@ -186,37 +182,36 @@ class _Search:
     def fits(self, micro: int, accumulation: int | None = None) -> bool:
         return self.margin(self.report(micro, accumulation)) >= 0
 
-    def _line(self, regime: int) -> Callable[[int], float]:
-        """margin(m) in a regime (1, or 2 for >= 2), from two measured points."""
-        points = sorted(m for (m, a) in self.measured if a == regime)
-        if len(points) < 2:
-            extra = 1 if not points or points[0] != 1 else 2
-            self.report(extra, regime)
-            points = sorted(m for (m, a) in self.measured if a == regime)
-        m1, m2 = points[0], points[-1]
-        y1, y2 = self.margin(self.measured[(m1, regime)]), self.margin(self.measured[(m2, regime)])
-        slope = (y2 - y1) / (m2 - m1)
+    def _line(self, regime: int, points: tuple[int, int]) -> Callable[[int], float]:
+        """Predicted margin(m) in a regime (1, or 2 for accumulation >= 2): linear through two
+        micro-batches. For a model of 4 layers or more each point is itself extrapolated from
+        the same step with 1 and 2 layers (memory is linear in the layers too: each block keeps
+        the same), which costs a fraction of one full measurement."""
+        layers = self.model_config.n_layer
+        ys = []
+        for m in points:
+            if layers >= 4:
+                y1, y2 = (self.margin(measure_step(
+                    dataclasses.replace(self.model_config, n_layer=n), m, self.recipe,
+                    gradient_accumulation_steps=regime)) for n in (1, 2))
+                ys.append(y1 + (layers - 1) * (y2 - y1))
+            else:
+                ys.append(self.margin(self.report(m, regime)))
+        (m1, m2), (y1, y2) = points, ys
+        slope = (y2 - y1) / (m2 - m1) if m2 != m1 else 0.0
         return lambda m: y1 + slope * (m - m1)
 
     def _confirm(self, candidates: Sequence[int], predict: Callable[[int], float],
                  accumulation: Callable[[int], int]) -> int:
-        """The largest candidate that fits (0 if none): the predicted one, measured; then up or
-        down one candidate at a time while measurements disagree or predictions are close."""
+        """The largest candidate that fits (0 if none), measured: start at the predicted one,
+        step down while it does not fit; then measure the next one up, and go on up while that
+        fits (a prediction that was too low costs one measurement per candidate it missed)."""
         if not candidates:
             return 0
-        band = max(self.CLOSE * abs(self.limit), self.CLOSE_MIN)
-        i = max((k for k, m in enumerate(candidates) if predict(m) >= 0), default=-1)
-        if i < 0:
-            i = 0  # even the smallest is predicted not to fit: measure it
+        i = max((k for k, m in enumerate(candidates) if predict(m) >= 0), default=0)
         while i >= 0 and not self.fits(candidates[i], accumulation(candidates[i])):
             i -= 1
-        # i fits (or is -1); look above while the next one is predicted close or was wrong
-        while i + 1 < len(candidates):
-            nxt = candidates[i + 1]
-            if predict(nxt) < -band and (nxt, min(accumulation(nxt), 2)) not in self.measured:
-                break
-            if not self.fits(nxt, accumulation(nxt)):
-                break
+        while i + 1 < len(candidates) and self.fits(candidates[i + 1], accumulation(candidates[i + 1])):
             i += 1
         return candidates[i] if i >= 0 else 0
 
@@ -228,10 +223,7 @@ class _Search:
         below = divisors[:-1]
         if not below:
             return 0, None
-        self.report(below[0], 2)
-        if len(below) > 1:
-            self.report(below[-1], 2)
-        line = self._line(2) if len(below) > 1 else (lambda m: float(self.margin(self.report(m, 2))))
+        line = self._line(2, (1, max(2, below[-1])))
         micro = self._confirm(below, line, self._accumulation)
         return (micro, self.report(micro)) if micro else (0, None)
 
@@ -240,13 +232,13 @@ class _Search:
         1 from it on)."""
         target = self.target
         if self.fits(target, 1):
-            line = self._line(1)
+            line = self._line(1, (target, 2 * target))
             candidates = list(range(target, cap + 1))
             return self._confirm(candidates, line, lambda m: 1)
         if target == 1:
             return 0
         below = list(range(1, target))
-        line = self._line(2)
+        line = self._line(2, (1, max(2, target // 2)))
         return self._confirm(below, line, lambda m: 2)
 
 
