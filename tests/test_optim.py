@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lowvram._memtrack import Adam8bitLayout
 from lowvram.config import ModelConfig, TrainConfig
+from lowvram.memory.tracker import Adam8bitLayout
 from lowvram.model import GPTModel
 from lowvram.optim import build_optimizer
 

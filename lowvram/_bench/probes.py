@@ -33,7 +33,8 @@ def planner_bench(
     repeats: int = 3,
 ) -> dict[str, Any]:
     """Run time of ``measure_step(planner_model, fp32, target="cuda")`` (cache cleared each
-    time) and the CPU-target peak's relative error against the real CPU allocator."""
+    time), of the whole plan (``plan(..., largest=True)``, what ``--plan`` runs) and the
+    CPU-target peak's relative error against the real CPU allocator."""
     from lowvram import memory
 
     times = []
@@ -42,6 +43,13 @@ def planner_bench(
         t0 = time.perf_counter()
         report = memory.measure_step(planner_model, micro_batch, "no", target="cuda")
         times.append(time.perf_counter() - t0)
+    # the whole plan, as `python -m lowvram.memory --plan` runs it (4 GiB, effective batch 16,
+    # the largest-that-fits search), from an empty memo: the learner's wait
+    memory._measure_cached.cache_clear()
+    t0 = time.perf_counter()
+    rows = memory.plan(planner_model, 4.0, 16, largest=True)
+    plan_s = time.perf_counter() - t0
+    plan_measurements = memory._measure_cached.cache_info().misses
     t0 = time.perf_counter()
     real = memory.real_cpu_peaks(real_model, real_micro_batch, "no")
     real_s = time.perf_counter() - t0
@@ -55,6 +63,9 @@ def planner_bench(
         "planner_times_s": times,
         "planner_first_s": times[0],
         "planner_median_s": statistics.median(times),
+        "plan_s": plan_s,  # plan(planner_model, 4 GiB, 16, largest=True) from an empty memo
+        "plan_measurements": plan_measurements,  # fake-tensor steps it measured (any size)
+        "plan_rows": [(r.recipe.name, r.micro_batch, r.accumulation) for r in rows],
         "real_model": dataclasses.asdict(real_model),
         "real_micro_batch": real_micro_batch,
         "real_peak_bytes": real_peak,

@@ -1,7 +1,8 @@
 """How :mod:`lowvram.memory` shows its results: the text report, the Markdown tables of the
 planner and the ablation, and the budget chart.
 
-Private: import these names from ``lowvram.memory``.
+Import these names from ``lowvram.memory``. Layer 6 of the package: it imports ``report``
+(and the plan's row types only for type checking).
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from lowvram._display import MarkdownTable
-from lowvram._memreport import GiB, MemoryReport, MiB, check_card, reserve_bytes, usable_bytes
+from lowvram.memory.report import GiB, MemoryReport, MiB, check_card, reserve_bytes, usable_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from lowvram.memory import AblationRow, PlanRow
+    from lowvram.memory.plan import AblationRow, PlanRow
 
 __all__ = ["ablation_table", "format_report", "plan_table", "plot_budget"]
 
@@ -34,6 +35,7 @@ _HEADERS = {
         "az": ("Resept", "Mikro-batch", "Yığım addımları", "Effektiv batch", "Pik (MiB)", "Cəmi (MiB)"),
     },
     "largest": {"en": "Largest that fits", "az": "Sığan ən böyük"},
+    "command": {"en": "Train command", "az": "Təlim əmri"},
     "ablation": {
         "en": ("Step", "Peak (MiB)", "Change (MiB)", "Change (%)", "Total (MiB)", "Fits {card} GiB"),
         "az": ("Addım", "Pik (MiB)", "Dəyişiklik (MiB)", "Dəyişiklik (%)", "Cəmi (MiB)", "{card} GiB-a sığır?"),
@@ -53,19 +55,24 @@ def _check_lang(lang: str) -> None:
         raise ValueError(f"lang={lang!r} is not allowed: lang must be 'en' or 'az'")
 
 
-def plan_table(rows: Sequence[PlanRow], lang: str = "en") -> MarkdownTable:
+def plan_table(rows: Sequence[PlanRow], lang: str = "en", preset: str | None = None) -> MarkdownTable:
     """The planner's rows as a Markdown table (``lang="az"``: Azerbaijani headers).
 
-    A last column "Largest that fits" appears when the plan searched for it
+    A column "Largest that fits" appears when the plan searched for it
     (``plan(..., largest=True)``): the largest micro-batch that fits at all, exact or not.
+    With ``preset`` (the preset the plan measured, e.g. "rtx2050") a last column gives each
+    row's ``python -m lowvram.train`` command (:meth:`PlanRow.train_command`).
     """
     _check_lang(lang)
     largest = any(row.largest_micro_batch is not None for row in rows)
     headers = list(_HEADERS["plan"][lang]) + ([_HEADERS["largest"][lang]] if largest else [])
+    headers += [_HEADERS["command"][lang]] if preset else []
     body = []
     for row in rows:
         most = row.largest_micro_batch or 0
         extra = [f">= {most}" if most and most == row.largest_limit else str(most)] if largest else []
+        if preset:
+            extra.append(f"`{row.train_command(preset)}`" if row.report is not None else "-")
         if row.report is None:
             body.append([row.recipe.name, "0", "-", "-", "-", "-", *extra])
             continue
@@ -104,7 +111,7 @@ def format_report(report: MemoryReport, card_gib: float = 4.0) -> str:
     optimizer = r.optimizer + (f" ({r.adamw_impl})" if r.optimizer == "adamw" else "")
     lines = [
         f"{r.num_parameters / 1e6:.1f}M parameters, micro-batch {r.micro_batch} x {r.seq_len} "
-        f"tokens, precision={r.precision}, optimizer={optimizer}, "
+        f"tokens, accumulation {r.gradient_accumulation_steps}, precision={r.precision}, optimizer={optimizer}, "
         f"tie_embeddings={r.tie_embeddings}, gradient_checkpointing={r.gradient_checkpointing}, "
         f"loss_chunk_size={r.loss_chunk_size}, target={r.target}",
         f"  params           {_mib(r.params_bytes, 1):>10} MiB",

@@ -1,4 +1,10 @@
-"""The command line of :mod:`lowvram.memory` (``python -m lowvram.memory --help``)."""
+"""The command line of :mod:`lowvram.memory` (``python -m lowvram.memory --help``).
+
+Layer 8, the top of the package: it imports the layers below, never the package's face. The
+options are the train command line's spellings (``--per-device-train-batch-size``,
+``--gradient-accumulation-steps``, ``--mixed-precision``, ...); the older ``--micro-batch``,
+``--precision``, ``--tie`` and ``--checkpointing`` stay as aliases.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,19 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from lowvram import memory
-from lowvram._memreport import ADAMW_IMPLS, MAX_MICRO_BATCH, TARGETS, check_card
-from lowvram._memshow import _mib
 from lowvram.config import OPTIMIZERS, PRECISIONS, get_preset
+from lowvram.memory.measure import measure_step
+from lowvram.memory.plan import ablation, plan
+from lowvram.memory.report import (
+    ADAMW_IMPLS,
+    MAX_MICRO_BATCH,
+    TARGETS,
+    Recipe,
+    check_card,
+    reserve_bytes,
+    usable_bytes,
+)
+from lowvram.memory.show import _mib, ablation_table, format_report, plan_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Measure the GPU memory of one training step (on CPU) and check it fits a card.",
     )
     p.add_argument("--preset", default="rtx2050", help="model preset from lowvram.config (default rtx2050)")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (default: the preset's)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast precision (default: the preset's mixed_precision; no = fp32)")
+    p.add_argument("--per-device-train-batch-size", "--micro-batch", type=int, default=None, dest="micro_batch", help="sequences per micro-batch (default: the preset's)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=None, help="micro-batches per optimizer step (default: the preset's, 4 for rtx2050)")
+    p.add_argument("--mixed-precision", "--precision", choices=PRECISIONS, default=None, dest="precision", help="autocast precision (default: the preset's mixed_precision; no = fp32)")
     p.add_argument("--gradient-checkpointing", "--checkpointing", action="store_true", dest="gradient_checkpointing", help="gradient checkpointing of every block")
     p.add_argument("--tie-embeddings", "--tie", action="store_true", dest="tie_embeddings", help="tie the lm head to the token embedding")
     p.add_argument("--loss-chunk-size", type=int, default=None, help="chunked lm head + loss over this many tokens (default: the preset's, 0 = off)")
@@ -53,10 +69,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             f"--card-gib {args.card_gib:g} is not allowed: give the card's memory in GiB "
             "(0 < GiB <= 4096), e.g. 4"
         )
+    accumulation = (args.gradient_accumulation_steps if args.gradient_accumulation_steps is not None
+                    else train_cfg.gradient_accumulation_steps)  # fmt: skip
+    if not 1 <= accumulation <= MAX_MICRO_BATCH:
+        parser.error(f"--gradient-accumulation-steps {accumulation} is not allowed: give micro-batches "
+                     f"per optimizer step in [1, {MAX_MICRO_BATCH}], e.g. 4")
     chunk = args.loss_chunk_size if args.loss_chunk_size is not None else model_cfg.loss_chunk_size
     if not 0 <= chunk <= MAX_MICRO_BATCH * model_cfg.block_size:
         parser.error(f"--loss-chunk-size {chunk} is not allowed: give tokens per chunk (0 = off)")
-    recipe = memory.Recipe(
+    recipe = Recipe(
         "command line",
         precision=args.precision or train_cfg.mixed_precision,  # the preset's: rtx2050 is fp16
         optimizer=args.optimizer or train_cfg.optimizer,
@@ -69,22 +90,25 @@ def run(argv: Sequence[str] | None = None) -> int:
         from lowvram.verify import verify_cli
 
         return verify_cli(model_cfg, train_cfg, recipe, micro_batch=micro, card_gib=args.card_gib,
-                          gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", None),
-                          as_json=args.json)
-    report = memory.measure_step(model_cfg, micro, recipe, target=args.target)
+                          gradient_accumulation_steps=accumulation, as_json=args.json)
+    report = measure_step(model_cfg, micro, recipe, gradient_accumulation_steps=accumulation,
+                          target=args.target)
     target_batch = train_cfg.effective_batch_size
-    rows = memory.plan(model_cfg, args.card_gib, target_batch, largest=True) if args.plan else []
-    steps = memory.ablation(model_cfg, micro, args.card_gib) if args.ablation else []
+    rows = plan(model_cfg, args.card_gib, target_batch, largest=True) if args.plan else []
+    steps = (ablation(model_cfg, micro, args.card_gib, gradient_accumulation_steps=accumulation)
+             if args.ablation else [])  # fmt: skip
     if args.json:
         out = report.to_dict()
         out["card_gib"] = args.card_gib
-        out["usable_bytes"] = memory.usable_bytes(args.card_gib)
+        out["usable_bytes"] = usable_bytes(args.card_gib)
         out["fits"] = report.fits(args.card_gib)
         if args.plan:
             out["plan"] = [
                 {"recipe": r.recipe.name, "micro_batch": r.micro_batch, "accumulation": r.accumulation,
+                 "gradient_accumulation_steps": r.accumulation,
                  "effective_batch": r.effective_batch, "largest_micro_batch": r.largest_micro_batch,
-                 "total_bytes": r.report.total_bytes if r.report else None}
+                 "total_bytes": r.report.total_bytes if r.report else None,
+                 "train_command": r.train_command(args.preset) if r.report else None}
                 for r in rows
             ]
         if args.ablation:
@@ -94,16 +118,21 @@ def run(argv: Sequence[str] | None = None) -> int:
             ]
         print(json.dumps(out, indent=2))
         return 0
-    print(memory.format_report(report, args.card_gib))
+    print(format_report(report, args.card_gib))
     if args.plan:
-        usable = memory.usable_bytes(args.card_gib)
+        usable = usable_bytes(args.card_gib)
         print(f"\nPlans for effective batch exactly {target_batch} on {args.card_gib:g} GiB: the "
               f"largest micro-batch that divides it and keeps Total (CUDA context included) <= "
-              f"{_mib(usable)} MiB ({_mib(memory.reserve_bytes(args.card_gib))} MiB kept free). "
+              f"{_mib(usable)} MiB ({_mib(reserve_bytes(args.card_gib))} MiB kept free), each "
+              "micro-batch measured with its own accumulation. "
               "'Largest that fits': the largest micro-batch under that limit, exact or not.")
-        print(memory.plan_table(rows))
+        print(plan_table(rows))
+        print("\nTo train a row as planned:")
+        for r in rows:
+            if r.report is not None:
+                print(f"  {r.recipe.name}: {r.train_command(args.preset)}")
     if args.ablation:
-        print(f"\nAblation at micro-batch {micro}:")
-        print(memory.ablation_table(steps, args.card_gib))
+        print(f"\nAblation at micro-batch {micro} x accumulation {accumulation}:")
+        print(ablation_table(steps, args.card_gib))
     return 0
 

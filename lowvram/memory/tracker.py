@@ -1,7 +1,8 @@
-"""How :mod:`lowvram.memory` measures a step: a storage tracker over fake tensors, the lesson's
-loop body that it watches, and the stand-in for an 8-bit optimizer's state.
+"""How :mod:`lowvram.memory` measures a step: a storage tracker over fake tensors, the loop
+body of ``train()`` that it watches, and the stand-in for an 8-bit optimizer's state.
 
-Private: call ``lowvram.memory.measure_step``. The model, optimizer and batch are fake tensors
+Private: call ``lowvram.memory.measure_step``. Layer 3 of the package (``_allocator`` ->
+``report`` -> ``tracker`` -> ``measure`` -> ``plan`` -> ``show`` -> ``real`` -> ``cli``). The model, optimizer and batch are fake tensors
 on the ``cpu`` device (``FakeTensorMode``: shapes and dtypes, no data, no arithmetic), and a
 ``TorchDispatchMode`` sees every ATen op of the step: it records each new untyped storage and,
 through a weakref finalizer, the moment it dies.
@@ -21,8 +22,9 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lowvram._allocator import CachingAllocatorSim
-from lowvram._memreport import (
+from lowvram.config import ModelConfig
+from lowvram.memory._allocator import CachingAllocatorSim
+from lowvram.memory.report import (
     ACTIVATION_PARTS,
     COMPONENTS,
     CUBLAS_WORKSPACE_BYTES,
@@ -32,7 +34,6 @@ from lowvram._memreport import (
     MemoryReport,
     Recipe,
 )
-from lowvram.config import ModelConfig
 from lowvram.model import GPTModel, chunked_cross_entropy
 
 __all__ = ["StorageTracker", "measure_fake", "run_steps", "make_optimizer"]
@@ -63,6 +64,7 @@ class StorageTracker(TorchDispatchMode):
         self.host: set[int] = set()
         self.cublas_workspace = cublas_workspace  # allocated at the first matmul (CUDA)
         self.workspace_serial: int | None = None
+        self.backward_workspace_serial: int | None = None  # the autograd thread's own
         self.live: dict[int, tuple[int, int, int]] = {}  # address -> (serial, charged, nbytes)
         self.log: list[tuple[int, int]] = []
         self.origin: dict[int, str] = {}  # serial -> phase tag it was allocated in
@@ -180,8 +182,15 @@ class StorageTracker(TorchDispatchMode):
                 return 1.0
             return 0
         name = func.overloadpacket.__name__
-        if self.cublas_workspace and self.workspace_serial is None and name in _MATMULS:
-            self.workspace_serial = self._alloc(self.cublas_workspace, name)
+        if self.cublas_workspace and name in _MATMULS:
+            # cuBLAS keeps one workspace per (handle, stream), and each thread has its own handle:
+            # the autograd engine runs backward in its own device thread, so its first matmul
+            # allocates a second workspace (measured on an H200: train() sat ~37 MiB above the
+            # prediction without it, with a 32 MiB workspace)
+            if self.workspace_serial is None:
+                self.workspace_serial = self._alloc(self.cublas_workspace, name)
+            elif self.backward_workspace_serial is None and self.phase.startswith("backward"):
+                self.backward_workspace_serial = self._alloc(self.cublas_workspace, name)
         out = func(*args, **(kwargs or {}))
         region = self.region
         if name == "_to_copy" and args[0].untyped_storage()._cdata in self.param_keys:
@@ -191,9 +200,6 @@ class StorageTracker(TorchDispatchMode):
                 self.track(t, name)
         self.region = region
         return out
-
-
-# --------------------------------------------------------------------------- the step
 
 
 # --------------------------------------------------------------------------- the step
@@ -274,39 +280,82 @@ def run_steps(
     keep_logits: bool,
     max_grad_norm: float | None,
     foreach_clip: bool,
-    on_phase: Callable[[int, str], None],
+    on_phase: Callable[[int, str, int], None],
     steps: int = 2,
+    accumulation: int = 1,
+    as_train: bool = True,
+    shortcut: bool = False,
 ) -> None:
-    """The lesson's loop body, ``steps`` times; ``on_phase(step, phase)`` marks each phase's start
-    (and ``(steps, "end")`` the end). ``cuda_loss``: compute the loss as CUDA autocast does."""
-    X, Y = batch[:, :-1], batch[:, 1:]  # as the seed splits a (B, block_size + 1) batch
+    """The loop body of ``lowvram.train.train()``, ``steps`` optimizer steps of ``accumulation``
+    micro-batches each; ``on_phase(step, phase, micro)`` marks each phase's start (and
+    ``(steps, "end", 0)`` the end). ``cuda_loss``: compute the loss as CUDA autocast does.
+
+    What a step is, as ``train()`` runs it under accelerate (``as_train=True``):
+
+    - each micro-batch: ``logits, loss = model(X, Y)`` (the previous micro-batch's pair stays
+      alive until this forward returns: they are loop variables); under autocast accelerate's
+      ``convert_outputs_to_fp32`` returns an fp32 copy of the 16-bit logits;
+      ``accelerator.backward(loss)`` divides the loss by the accumulation and, for fp16,
+      multiplies it by the GradScaler's scale. From the 2nd micro-batch on, backward runs with
+      the accumulated ``.grad`` of every parameter alive, and adds into it;
+    - once the gradients are complete: fp16's ``GradScaler.unscale_`` (an in-place inf check and
+      unscale, a few scalars), gradient clipping (``foreach``), the optimizer step, the scaler's
+      ``update`` and ``zero_grad(set_to_none=True)``.
+
+    ``as_train=False`` is the plain loop of the lesson's notebooks (no fp32 copy, no scaler).
+
+    ``shortcut=True`` (what ``measure_fake`` runs, with ``steps=2``): for accumulation >= 2 the
+    1st step runs only its 1st micro-batch and keeps its gradients (no ``zero_grad``), and the
+    2nd step only its last micro-batch, which so starts as every later micro-batch of a real
+    step does: the gradients and the previous ``logits, loss`` alive, the AdamW state made.
+    Its peaks are the full loop's (a 1st micro-batch has less alive than a later one), at 2
+    forward/backward passes instead of ``2 * accumulation``.
+    """
+    X, Y = batch[:, :-1], batch[:, 1:]  # as the lesson splits a (B, block_size + 1) batch
     autocast = torch.autocast(device_type, dtype=_DTYPES[precision], enabled=precision != "no")
     chunk = model.config.loss_chunk_size
-    logits = loss = None  # the lesson's loop keeps both until the next forward returns
+    scaler = torch.amp.GradScaler(device_type) if as_train and precision == "fp16" else None
+    logits = loss = None  # train() keeps both until the next forward returns
+    short = shortcut and accumulation > 1
     for step in range(steps):
-        on_phase(step, "forward")
-        with autocast:
-            if cuda_loss and chunk:
-                # the model's own chunked loss, each chunk's loss computed the CUDA way
-                logits, loss = None, chunked_cross_entropy(
-                    model.hidden(X).flatten(0, 1), model.lm_head.weight, Y.reshape(-1), chunk,
-                    cross_entropy_like_cuda,
-                )
-            elif cuda_loss:
-                logits, _ = model(X)
-                loss = cross_entropy_like_cuda(logits, Y)
-            else:
-                logits, loss = model(X, Y)
-        if not keep_logits:
-            logits = None  # `loss = model(X, Y)[1]`: the logits die with the forward
-        on_phase(step, "backward")
-        loss.backward()
-        on_phase(step, "optimizer")
+        micros = range(accumulation) if not short else [0] if step == 0 else [accumulation - 1]
+        for micro in micros:
+            on_phase(step, "forward", micro)
+            with autocast:
+                if cuda_loss and chunk:
+                    # the model's own chunked loss, each chunk's loss computed the CUDA way
+                    new_logits, new_loss = None, chunked_cross_entropy(
+                        model.hidden(X).flatten(0, 1), model.lm_head.weight, Y.reshape(-1), chunk,
+                        cross_entropy_like_cuda,
+                    )
+                elif cuda_loss:
+                    new_logits, _ = model(X)
+                    new_loss = cross_entropy_like_cuda(new_logits, Y)
+                else:
+                    new_logits, new_loss = model(X, Y)
+            if as_train and new_logits is not None and new_logits.dtype != torch.float32:
+                new_logits = new_logits.float()  # accelerate's convert_outputs_to_fp32
+            logits, loss = new_logits, new_loss
+            del new_logits, new_loss
+            if not keep_logits:
+                logits = None  # `loss = model(X, Y)[1]`: the logits die with the forward
+            on_phase(step, "backward", micro)
+            scaled = loss / accumulation if as_train else loss  # accelerator.backward
+            if scaler is not None:
+                scaled = scaler.scale(scaled)
+            scaled.backward()
+            del scaled
+        on_phase(step, "optimizer", micros[-1])
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # accelerator.clip_grad_norm_ unscales first
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=foreach_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    on_phase(steps, "end")
+        optimizer.step()  # GradScaler.step skips this only on an inf (not measured)
+        if scaler is not None:
+            scaler.update()
+        if not (short and step == 0):  # the shortcut keeps them: the 2nd step's micro-batch
+            optimizer.zero_grad(set_to_none=True)  # is then a later one
+    on_phase(steps, "end", 0)
     del logits, loss
 
 
@@ -334,8 +383,12 @@ def measure_fake(
     target: str,
     max_grad_norm: float | None,
     cuda_capability: tuple[int, int],
+    accumulation: int = 1,
+    shortcut: bool = True,
 ) -> MemoryReport:
-    """Two steps of ``GPTModel(cfg)`` on fake tensors; the report of the 2nd (memoised)."""
+    """Two optimizer steps of ``GPTModel(cfg)`` on fake tensors, ``accumulation`` micro-batches
+    each; the report of the 2nd (memoised). Its peak is the same for any accumulation >= 2
+    (the 3rd micro-batch repeats the 2nd's state), so callers pass ``min(accumulation, 2)``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cuda = target == "cuda"
@@ -345,13 +398,15 @@ def measure_fake(
     tracker = StorageTracker(CachingAllocatorSim() if cuda else None, workspace, host_constants=cuda)
     seen: dict[str, Any] = {}
 
-    def on_phase(step: int, phase: str) -> None:
-        if step == 1 and phase == "forward":
-            tracker.open_window()
-        if step == 1 and phase == "backward":  # end of the measured forward
+    last = accumulation - 1
+
+    def on_phase(step: int, phase: str, micro: int) -> None:
+        if step == 1 and phase == "forward" and not tracker.window_open:
+            tracker.open_window()  # the step's peak starts here: once, at its first micro-batch
+        if (step, phase, micro) == (1, "backward", last):  # end of the step's last forward
             detail = dict.fromkeys(ACTIVATION_PARTS, 0)
             for serial, charged, _ in tracker.live.values():
-                if tracker.origin.get(serial) == "forward:1":
+                if tracker.origin.get(serial) == f"forward:1:{last}":
                     detail[tracker.regions[serial]] += charged
             seen["activations"] = detail
         if step == 1 and phase == "optimizer":  # gradients complete, not yet freed
@@ -359,7 +414,7 @@ def measure_fake(
         if step == 2:
             state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
             seen["state"] = tracker.tracked(iter(state))
-        tracker.set_phase(f"{phase}:{step}")
+        tracker.set_phase(f"{phase}:{step}:{micro}")
 
     with FakeTensorMode():
         model = GPTModel(cfg)  # untracked: this is the model on the host
@@ -376,7 +431,8 @@ def measure_fake(
                 model, opt, batch,
                 precision=recipe.precision, device_type="cpu",
                 cuda_loss=cuda and recipe.precision != "no", keep_logits=recipe.keep_logits,
-                max_grad_norm=max_grad_norm, foreach_clip=cuda, on_phase=on_phase,
+                max_grad_norm=max_grad_norm, foreach_clip=True, on_phase=on_phase,
+                accumulation=accumulation, shortcut=shortcut,
             )
 
     at_peak = dict.fromkeys(COMPONENTS, 0)
@@ -387,7 +443,7 @@ def measure_fake(
             part = "optimizer_state"
         elif serial in seen["grads"]:
             part = "grads"
-        elif serial == tracker.workspace_serial:
+        elif serial in (tracker.workspace_serial, tracker.backward_workspace_serial):
             part = "cublas_workspace"
         elif tracker.origin[serial].startswith(("forward", "setup")):
             part = "activations"  # both forwards' outputs, and the batch
@@ -403,6 +459,7 @@ def measure_fake(
         model_config=cfg,
         recipe=recipe,
         micro_batch=micro_batch,
+        gradient_accumulation_steps=accumulation,
         seq_len=cfg.block_size,
         target=target,
         num_parameters=sum(p.numel() for p in model.parameters()),

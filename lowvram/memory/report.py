@@ -1,7 +1,8 @@
 """What :mod:`lowvram.memory` measures with and what it returns: the recipe, the report, the
 constants of a CUDA card and the headroom a plan keeps.
 
-Private: import these names from ``lowvram.memory``.
+Import these names from ``lowvram.memory``. Layer 2 of the package: it imports only
+:mod:`lowvram.config`.
 """
 
 from __future__ import annotations
@@ -178,19 +179,13 @@ class Recipe:
         }
         return dataclasses.replace(model_config, **changes)
 
-    def measure(self, model_config: ModelConfig, micro_batch: int, **kwargs: Any) -> MemoryReport:
-        """``lowvram.memory.measure_step(model_config, micro_batch, self, **kwargs)``."""
-        from lowvram.memory import measure_step
-
-        return measure_step(model_config, micro_batch, self, **kwargs)
-
 
 # --------------------------------------------------------------------------- the report
 
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Memory of one steady-state training step, in bytes.
+    """Memory of one steady-state optimizer step of ``train()``, in bytes.
 
     ``params_bytes``, ``grads_bytes``, ``optimizer_state_bytes`` and ``activations_bytes`` are the
     full sizes of those parts (activations: what the 2nd forward leaves for backward, logits
@@ -201,6 +196,7 @@ class MemoryReport:
     model_config: ModelConfig = field(repr=False)  # with the recipe's options applied
     recipe: Recipe = field(repr=False)
     micro_batch: int
+    gradient_accumulation_steps: int  # micro-batches per optimizer step, as train() runs them
     seq_len: int
     target: str
     num_parameters: int
@@ -271,6 +267,7 @@ class MemoryReport:
         """Plain values for JSON: the options, every byte count, the peak's phase and op."""
         return {
             "micro_batch": self.micro_batch,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "seq_len": self.seq_len,
             "precision": self.precision,
             "optimizer": self.optimizer,

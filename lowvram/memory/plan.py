@@ -1,0 +1,307 @@
+"""The planner and the ablation: which micro-batch and accumulation fit a card, and what each
+memory option saves.
+
+Import these names from ``lowvram.memory``. Layer 5 of the package: it imports ``report`` and
+``measure``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lowvram.config import ModelConfig, get_preset
+from lowvram.memory.measure import check_accumulation, measure_step
+from lowvram.memory.report import (
+    MAX_MICRO_BATCH,
+    MemoryReport,
+    Recipe,
+    check_card,
+    reserve_bytes,
+    usable_bytes,
+)
+
+__all__ = ["DEFAULT_RECIPES", "AblationRow", "PlanRow", "ablation", "plan"]
+
+LARGEST_SEARCH_FACTOR = 8  # plan(largest=True) looks up to 8 x the target micro-batch
+
+DEFAULT_RECIPES = (
+    Recipe("fp32 (lesson baseline)", tie_embeddings=False, gradient_checkpointing=False),
+    Recipe("fp16 (the lesson's choice)", "fp16", tie_embeddings=False, gradient_checkpointing=False),
+    Recipe("fp16 + fused AdamW", "fp16", adamw_impl="fused", tie_embeddings=False,
+           gradient_checkpointing=False),
+    Recipe("fp16 + fused + chunked loss", "fp16", adamw_impl="fused", tie_embeddings=False,
+           gradient_checkpointing=False, loss_chunk_size=256),
+    Recipe("fp16 + chunked loss + 8-bit AdamW", "fp16", "adamw8bit", tie_embeddings=False,
+           gradient_checkpointing=False, loss_chunk_size=256),
+    Recipe("fp16 + chunked + 8-bit + tied", "fp16", "adamw8bit", tie_embeddings=True,
+           gradient_checkpointing=False, loss_chunk_size=256),
+    Recipe("fp16 + chunked + 8-bit + tied + checkpointing", "fp16", "adamw8bit",
+           tie_embeddings=True, gradient_checkpointing=True, loss_chunk_size=256),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """The largest micro-batch of one recipe that divides the target effective batch and fits
+    (measured with its own accumulation), the accumulation it then needs, and (when searched)
+    the largest micro-batch that fits at all."""
+
+    recipe: Recipe
+    micro_batch: int  # 0: not even one sequence fits
+    accumulation: int  # target_effective_batch // micro_batch
+    effective_batch: int  # micro_batch x accumulation == the target
+    report: MemoryReport | None  # the measurement at micro_batch x accumulation
+    largest_micro_batch: int | None = None  # plan(..., largest=True): exact or not
+    largest_limit: int | None = None  # the search's cap: largest_micro_batch == it means ">="
+
+    @property
+    def fits(self) -> bool:
+        return self.micro_batch > 0
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """``accumulation``, spelled as ``TrainConfig`` and the train command line spell it."""
+        return self.accumulation
+
+    def train_command(self, preset: str = "rtx2050") -> str:
+        """The ``python -m lowvram.train`` command that trains this row's step on ``preset``:
+        its micro-batch, accumulation, precision and every option where the recipe differs
+        from the preset (``adamw_impl`` when it is not CUDA's default, foreach)."""
+        if self.report is None:
+            raise ValueError(
+                f"the row {self.recipe.name!r} has no step that fits (micro_batch=0): there is "
+                "no command to run; use a leaner recipe or a larger card"
+            )
+        model_cfg, train_cfg = get_preset(preset)
+        cfg = self.report.model_config  # the preset's model with the recipe applied
+        if dataclasses.replace(cfg, tie_embeddings=model_cfg.tie_embeddings,
+                               gradient_checkpointing=model_cfg.gradient_checkpointing,
+                               loss_chunk_size=model_cfg.loss_chunk_size) != model_cfg:
+            raise ValueError(
+                f"this row was planned for another model than preset {preset!r}: pass the "
+                "preset whose ModelConfig the plan measured"
+            )
+        recipe = self.recipe
+        parts = [
+            f"python -m lowvram.train --preset {preset}",
+            f"--per-device-train-batch-size {self.micro_batch}",
+            f"--gradient-accumulation-steps {self.accumulation}",
+            f"--mixed-precision {recipe.precision}",
+        ]
+        if recipe.optimizer != train_cfg.optimizer:
+            parts.append(f"--optimizer {recipe.optimizer}")
+        if recipe.optimizer == "adamw" and recipe.adamw_impl != "foreach":
+            parts.append(f"--adamw-impl {recipe.adamw_impl}")
+        if cfg.loss_chunk_size != model_cfg.loss_chunk_size:
+            parts.append(f"--loss-chunk-size {cfg.loss_chunk_size}")
+        for field in ("tie_embeddings", "gradient_checkpointing"):
+            value = getattr(cfg, field)
+            if value != getattr(model_cfg, field):
+                parts.append(f"--{'' if value else 'no-'}{field.replace('_', '-')}")
+        return " ".join(parts)
+
+
+def plan(
+    model_config: ModelConfig,
+    card_gib: float = 4.0,
+    target_effective_batch: int = 16,
+    recipes: Sequence[Recipe] = DEFAULT_RECIPES,
+    *,
+    largest: bool = False,
+    free_bytes: int | None = None,
+) -> list[PlanRow]:
+    """For each recipe, the largest micro-batch that divides ``target_effective_batch`` and fits
+    the card inside the headroom (:meth:`MemoryReport.fits`), each candidate measured with its
+    own accumulation (the quotient), so every row trains at exactly the target (4 x 4, 8 x 2,
+    16 x 1 for 16) and its report is that step's.
+
+    ``largest=True`` also finds the largest micro-batch that fits at all (with accumulation
+    >= 2 below the target, 1 from it on), up to ``LARGEST_SEARCH_FACTOR`` (8) times the target.
+    ``free_bytes``: plan for what ``torch.cuda.mem_get_info()`` says is free.
+
+    Fast: within one recipe memory grows linearly with the micro-batch (at a fixed accumulation
+    regime) and with the layers, so a few measurements of 1- and 2-layer models predict every
+    candidate; the predicted answer and the next one up are then measured (:class:`_Search`).
+    """
+    check_card(card_gib)
+    ok = isinstance(target_effective_batch, int) and not isinstance(target_effective_batch, bool)
+    if not (ok and 0 < target_effective_batch <= MAX_MICRO_BATCH):
+        raise ValueError(
+            f"target_effective_batch={target_effective_batch!r} is not allowed: it must be an "
+            f"integer in [1, {MAX_MICRO_BATCH}], e.g. 16"
+        )
+    rows = []
+    for recipe in recipes:
+        search = _Search(model_config, recipe, card_gib, free_bytes, target_effective_batch)
+        micro, report = search.largest_divisor()
+        most = cap = None
+        if largest:
+            cap = LARGEST_SEARCH_FACTOR * target_effective_batch
+            most = search.largest_at_all(cap)
+        if report is None:
+            rows.append(PlanRow(recipe, 0, 0, 0, None, most, cap))
+        else:
+            accumulation = target_effective_batch // micro
+            rows.append(PlanRow(recipe, micro, accumulation, target_effective_batch, report, most, cap))
+    return rows
+
+
+class _Search:
+    """One recipe's search. ``margin(m)``: the bytes left under the limit by micro-batch ``m``
+    (>= 0: fits), measured or predicted. Memory is linear in ``m`` within a regime: accumulation
+    1, or accumulation >= 2 (which all have the same peak: the gradients alive in backward).
+    A micro-batch below the target needs accumulation >= 2, the target itself 1."""
+
+    def __init__(self, model_config: ModelConfig, recipe: Recipe, card_gib: float,
+                 free_bytes: int | None, target: int) -> None:
+        self.model_config, self.recipe, self.target = model_config, recipe, target
+        self.card_gib, self.free_bytes = card_gib, free_bytes
+        self.measured: dict[tuple[int, int], MemoryReport] = {}
+        # fits: reserved <= free - reserve (free given), else total <= card - reserve
+        self.limit = (free_bytes - reserve_bytes(card_gib) if free_bytes is not None
+                      else usable_bytes(card_gib))  # fmt: skip
+
+    def _accumulation(self, micro: int) -> int:
+        return max(1, self.target // micro) if micro <= self.target else 1
+
+    def report(self, micro: int, accumulation: int | None = None) -> MemoryReport:
+        accumulation = self._accumulation(micro) if accumulation is None else accumulation
+        key = (micro, min(accumulation, 2))
+        if key not in self.measured:
+            self.measured[key] = measure_step(self.model_config, micro, self.recipe,
+                                              gradient_accumulation_steps=accumulation)
+        return self.measured[key]
+
+    def margin(self, report: MemoryReport) -> int:
+        """Bytes left under the limit (>= 0 exactly when ``report.fits``)."""
+        need = report.reserved_bytes if self.free_bytes is not None else report.total_bytes
+        return self.limit - need
+
+    def fits(self, micro: int, accumulation: int | None = None) -> bool:
+        return self.margin(self.report(micro, accumulation)) >= 0
+
+    def _line(self, regime: int, points: tuple[int, int]) -> Callable[[int], float]:
+        """Predicted margin(m) in a regime (1, or 2 for accumulation >= 2): linear through two
+        micro-batches. For a model of 4 layers or more each point is itself extrapolated from
+        the same step with 1 and 2 layers (memory is linear in the layers too: each block keeps
+        the same), which costs a fraction of one full measurement."""
+        layers = self.model_config.n_layer
+        ys = []
+        for m in points:
+            if layers >= 4:
+                y1, y2 = (self.margin(measure_step(
+                    dataclasses.replace(self.model_config, n_layer=n), m, self.recipe,
+                    gradient_accumulation_steps=regime)) for n in (1, 2))
+                ys.append(y1 + (layers - 1) * (y2 - y1))
+            else:
+                ys.append(self.margin(self.report(m, regime)))
+        (m1, m2), (y1, y2) = points, ys
+        slope = (y2 - y1) / (m2 - m1) if m2 != m1 else 0.0
+        return lambda m: y1 + slope * (m - m1)
+
+    def _confirm(self, candidates: Sequence[int], predict: Callable[[int], float],
+                 accumulation: Callable[[int], int]) -> int:
+        """The largest candidate that fits (0 if none), measured: start at the predicted one,
+        step down while it does not fit; then measure the next one up, and go on up while that
+        fits (a prediction that was too low costs one measurement per candidate it missed)."""
+        if not candidates:
+            return 0
+        i = max((k for k, m in enumerate(candidates) if predict(m) >= 0), default=0)
+        while i >= 0 and not self.fits(candidates[i], accumulation(candidates[i])):
+            i -= 1
+        while i + 1 < len(candidates) and self.fits(candidates[i + 1], accumulation(candidates[i + 1])):
+            i += 1
+        return candidates[i] if i >= 0 else 0
+
+    def largest_divisor(self) -> tuple[int, MemoryReport | None]:
+        target = self.target
+        divisors = [d for d in range(1, target + 1) if target % d == 0]
+        if self.fits(target, 1):  # the only accumulation-1 candidate: the answer on a roomy card
+            return target, self.report(target, 1)
+        below = divisors[:-1]
+        if not below:
+            return 0, None
+        line = self._line(2, (1, max(2, below[-1])))
+        micro = self._confirm(below, line, self._accumulation)
+        return (micro, self.report(micro)) if micro else (0, None)
+
+    def largest_at_all(self, cap: int) -> int:
+        """The largest micro-batch up to ``cap`` that fits (accumulation >= 2 below the target,
+        1 from it on)."""
+        target = self.target
+        if self.fits(target, 1):
+            line = self._line(1, (target, 2 * target))
+            candidates = list(range(target, cap + 1))
+            return self._confirm(candidates, line, lambda m: 1)
+        if target == 1:
+            return 0
+        below = list(range(1, target))
+        line = self._line(2, (1, max(2, target // 2)))
+        return self._confirm(below, line, lambda m: 2)
+
+
+def _largest(
+    candidates: Sequence[int], fits: Callable[[int], MemoryReport | None]
+) -> tuple[int, MemoryReport | None]:
+    """The largest candidate (ascending list) that fits, by bisection, trying the largest first
+    (kept for callers that plan with their own ``fits``; :func:`plan` extrapolates instead)."""
+    best: tuple[int, MemoryReport | None] = (0, None)
+    lo, hi = 0, len(candidates) - 1
+    first = True
+    while lo <= hi:
+        mid = hi if first else (lo + hi) // 2
+        first = False
+        r = fits(candidates[mid])
+        if r is not None:
+            best, lo = (candidates[mid], r), mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """One step of the ablation: a recipe, its measurement and the change from the row above."""
+
+    name: str
+    recipe: Recipe
+    report: MemoryReport
+    peak_change: int  # bytes, vs the previous row (0 for the first)
+    total_change: int
+
+
+def _ablation_recipes() -> list[Recipe]:
+    base = {"tie_embeddings": False, "gradient_checkpointing": False, "loss_chunk_size": 0}
+    steps = [
+        ("lesson baseline: fp32, untied, foreach AdamW", {}),
+        ("fp16 autocast", {"precision": "fp16"}),
+        ("+ fused AdamW", {"adamw_impl": "fused"}),
+        ("+ chunked loss (no full logits)", {"loss_chunk_size": 256}),
+        ("+ 8-bit AdamW (bitsandbytes)", {"optimizer": "adamw8bit"}),
+        ("+ tied embeddings", {"tie_embeddings": True}),
+        ("+ gradient checkpointing", {"gradient_checkpointing": True}),
+    ]
+    recipes = []
+    for name, change in steps:
+        base = {**base, **change}
+        recipes.append(Recipe(name, **base))
+    return recipes
+
+
+def ablation(model_config: ModelConfig, micro_batch: int = 4, card_gib: float = 4.0, *,
+             gradient_accumulation_steps: int = 4) -> list[AblationRow]:
+    """From the lesson's baseline to the leanest recipe, one option at a time, at
+    ``micro_batch`` x ``gradient_accumulation_steps`` (default the lesson's 4 x 4)."""
+    check_card(card_gib)
+    check_accumulation(gradient_accumulation_steps)
+    rows: list[AblationRow] = []
+    for recipe in _ablation_recipes():
+        r = measure_step(model_config, micro_batch, recipe,
+                         gradient_accumulation_steps=gradient_accumulation_steps)
+        prev = rows[-1].report if rows else r
+        rows.append(AblationRow(
+            recipe.name, recipe, r, r.peak_bytes - prev.peak_bytes, r.total_bytes - prev.total_bytes,
+        ))
+    return rows
