@@ -153,7 +153,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
         # lesson: no output dir. Checked before training; one training writes to it at a time.
         outputdir.claim_output_dir(accelerator, lock, fresh=resume_from is None,
                                    overwrite=overwrite_output_dir,
-                                   num_parameters=model.num_parameters())
+                                   num_parameters=model.num_parameters(), resume_from=resume_from)
 
         # 5. One prepare of all five, as in the lesson.
         model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
