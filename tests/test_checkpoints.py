@@ -357,3 +357,101 @@ def test_claim_output_dir_locks_and_overwrites_only_when_asked(tmp_path):
     claim_output_dir(_OneProcess(), lock, fresh=True, overwrite=True, num_parameters=10)
     assert lock.held and not (out / "history.json").exists()
     lock.release()
+
+
+# ----------------------------------------------------------------------------- issue 21: every route
+
+
+def test_resume_from_another_runs_checkpoint_never_overwrites_a_used_dir(tmp_path, four_steps):
+    # n12/n13 before: exit 0; the other run's model and history overwritten, its checkpoints
+    # rotated away (the ownership check ran only for fresh runs)
+    victim = tmp_path / "victim"
+    run(victim, max_steps=4, checkpoint_interval=2, seed=7)
+    before = {p: sha256_file(victim / p) for p in ("model.safetensors", "history.json")}
+    with pytest.raises(FileExistsError, match=r"already holds another run's checkpoints, "
+                       r"model.safetensors, history.json, and the checkpoint to resume, .*step_000002"
+                       r", is not one of its checkpoints.*another --output-dir.*--overwrite-output-dir "
+                       r"deletes its checkpoints"):
+        run(victim, max_steps=6, resume_from=four_steps / "checkpoints" / "step_000002")
+    assert {p: sha256_file(victim / p) for p in before} == before
+    assert checkpoints(victim) == ["step_000002", "step_000004"]
+    # into a new dir, and into an empty one: it works
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        history = run(out, max_steps=6, resume_from=four_steps / "checkpoints" / "step_000002")
+        assert len(history["steps"]) == 6
+        assert history["resumed_from"] == [
+            {"step": 2, "checkpoint": str(four_steps / "checkpoints" / "step_000002")}]
+    # --overwrite-output-dir: the victim's files go, the resumed checkpoint (elsewhere) stays
+    run(victim, max_steps=6, resume_from=four_steps / "checkpoints" / "step_000002",
+        overwrite_output_dir=True)
+    assert checkpoints(victim) == ["step_000004", "step_000006"]
+    assert (four_steps / "checkpoints" / "step_000002" / "manifest.json").is_file()
+
+
+def test_latest_follows_the_timeline_of_a_redo(tmp_path, four_steps, capsys):
+    # n14 before: a redo from step 2 to step 3, then `latest` resumed the OLD run's step 4
+    out = copy_run(four_steps, tmp_path / "run")
+    old_4 = sha256_file(out / STEP_4 / "model.safetensors")
+    redo = run(out, max_steps=3, checkpoint_interval=1, resume_from=out / "checkpoints" / "step_000002")
+    printed = capsys.readouterr().out
+    assert "starts a new timeline: the later checkpoints step_000004" in printed
+    aside = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_000004"]
+    assert sha256_file(aside[0] / "step_000004" / "model.safetensors") == old_4  # kept
+    assert latest_checkpoint(out).name == "step_000003"
+    extended = run(out, max_steps=4, resume_from="latest")
+    assert "resumed from " + str(out / "checkpoints" / "step_000003") in capsys.readouterr().out
+    assert [s["loss"] for s in extended["steps"][:3]] == [s["loss"] for s in redo["steps"]]
+    assert [r["step"] for r in extended["resumed_from"]] == [2, 3]
+    manifest = json.loads((out / STEP_4 / "manifest.json").read_text())
+    assert [r["step"] for r in manifest["resumed_from"]] == [2, 3]
+
+
+def test_a_symlinked_checkpoint_is_unlinked_by_rotation_not_followed(tmp_path, four_steps):
+    # n16 before: "OSError: Cannot call rmtree on a symbolic link" after training, no model
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out, ignore=shutil.ignore_patterns("step_000004"))
+    (out / STEP_4).symlink_to(four_steps / STEP_4, target_is_directory=True)
+    run(out, max_steps=8, checkpoint_interval=2, keep_checkpoints=1, resume_from="latest")
+    assert checkpoints(out) == ["step_000008"] and (out / "model.safetensors").is_file()
+    assert (four_steps / STEP_4 / "manifest.json").is_file()  # the link's target is untouched
+
+
+def test_weights_that_turned_inf_are_never_saved_as_a_good_checkpoint(tmp_path):
+    # n71 before: step_000002 was saved with an inf weight and called "the last good checkpoint"
+    from lowvram.failures import NonFiniteLossError
+
+    calls = []
+
+    def inf_after_step_3(model):  # the optimizer step of step 3 then writes inf... simulated:
+        calls.append(1)
+        if len(calls) == 4:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
+
+    with pytest.raises(NonFiniteLossError, match=r"the weights hold NaN or inf .*step_000004 was "
+                       r"not saved.*the last good checkpoint is .*step_000002"):
+        run(tmp_path / "run", max_steps=6, checkpoint_interval=2, on_optimizer_step=inf_after_step_3)
+    assert checkpoints(tmp_path / "run") == ["step_000002"]
+
+
+def test_disk_full_while_writing_the_final_model_is_named_and_leaves_no_half_file(tmp_path, monkeypatch):
+    # n21 before: a safetensors traceback after training
+    import accelerate
+
+    def full(self, model, save_directory, **kwargs):
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        (Path(save_directory) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_model", full)
+    with pytest.raises(OSError, match=r"the disk holding .*run \(mounted at .*\) is full: .*Writing "
+                       r"model.safetensors .*removed. The last checkpoint, .*step_000002, holds "
+                       r"the trained weights: after freeing space, --resume-from latest"):
+        run(tmp_path / "run", max_steps=2)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+    monkeypatch.undo()
+    history = run(tmp_path / "run", max_steps=2, resume_from="latest")  # writes it, no training
+    assert len(history["steps"]) == 2 and (tmp_path / "run" / "model.safetensors").is_file()
