@@ -295,8 +295,11 @@ def test_cpu_out_of_memory_gets_the_planners_advice(tmp_path):
     with pytest.raises(TrainingOutOfMemoryError) as info:
         run(tmp_path / "oom", max_steps=2, on_optimizer_step=hook)
     message = str(info.value)
-    assert message.startswith("The CPU ran out of memory (host RAM) during training ([enforce")
-    assert "The memory planner (lowvram.memory) says, for this model on a " in message
+    assert message.startswith("The CPU ran out of memory (host RAM, or the process's limit) "
+                              "during training ([enforce")
+    assert "The memory planner (lowvram.memory) says, for this model with optimizer='adamw' " \
+           "within the CPU's limit of " in message
+    assert "fp16" not in message  # a CPU runs fp16 as fp32 (n76)
     assert "close other programs that use much RAM" in message
     assert not (tmp_path / "oom" / LOCK_FILE).exists()
     run(tmp_path / "again", max_steps=1)  # the next run can start an Accelerator again
@@ -455,3 +458,65 @@ def test_disk_full_while_writing_the_final_model_is_named_and_leaves_no_half_fil
     monkeypatch.undo()
     history = run(tmp_path / "run", max_steps=2, resume_from="latest")  # writes it, no training
     assert len(history["steps"]) == 2 and (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_cpu_oom_advice_plans_for_the_process_limit_and_the_runs_optimizer(monkeypatch):
+    # n76 before: planned for the machine's physical RAM as a "23.5 GiB card" (ulimit -v was
+    # 5.7 GiB) and advised fp16, which runs as fp32 on a CPU; issue 18.7: an 8-bit AdamW run
+    # was advised as plain AdamW
+    import resource
+
+    import lowvram.failures as failures
+    import lowvram.memory
+
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (6 * 2**30, resource.RLIM_INFINITY)
+                        if what == resource.RLIMIT_AS else (resource.RLIM_INFINITY,) * 2)
+    real_read = failures._read_int
+
+    def read(path, field=None):
+        if field == "VmSize:":
+            return 2**30  # 1 GiB mapped already
+        if field == "MemAvailable:":
+            return 20 * 2**30
+        return real_read(path, field)
+
+    monkeypatch.setattr(failures, "_read_int", read)
+    left, why = failures.cpu_memory_limit()
+    assert left <= 5 * 2**30 and "RLIMIT_AS (ulimit -v) 6.0 GiB, 1.0 GiB of it mapped" in why
+    planned = {}
+
+    def fake_plan(model_config, card_gib, target, recipes):
+        planned.update(card=card_gib, recipes=recipes)
+        return [lowvram.memory.PlanRow(r, 2, 2, 4, None) for r in recipes]
+
+    monkeypatch.setattr(lowvram.memory, "plan", fake_plan)
+    train_config = TRAIN.replace(optimizer="adamw8bit")
+    error = failures.out_of_memory_error("DefaultCPUAllocator: can't allocate memory", MODEL,
+                                         train_config, "no", torch.device("cpu"), cpu_allocator=True)
+    message = str(error)
+    assert planned["card"] == pytest.approx(left / 2**30)
+    assert [(r.precision, r.optimizer) for r in planned["recipes"]] == [("no", "adamw8bit"),
+                                                                        ("bf16", "adamw8bit")]
+    assert "optimizer='adamw8bit' within the CPU's limit of 5.0 GiB (the process limit" in message
+    assert "--mixed-precision no --optimizer adamw8bit" in message
+    assert "--mixed-precision bf16 --optimizer adamw8bit" in message and "fp16" not in message
+    # on a GPU: the run's precision and fp16, the run's optimizer
+    failures.out_of_memory_error("CUDA out of memory", MODEL, train_config, "bf16",
+                                 torch.device("cpu"))
+    assert [(r.precision, r.optimizer) for r in planned["recipes"]] == [("bf16", "adamw8bit"),
+                                                                        ("fp16", "adamw8bit")]
+
+
+def test_interrupted_data_parallel_run_prints_its_own_launcher(tmp_path, monkeypatch):
+    # c56 before: a 2-process launch printed `python -m lowvram.train ... --resume-from latest`,
+    # which then refused the run's own checkpoint and offered --overwrite-output-dir
+    from lowvram.failures import interrupted_message
+
+    (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000002" / "manifest.json").write_text("{}")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert interrupted_message(tmp_path, ["--preset", "cpu-demo"]).endswith(
+        "resume with: accelerate launch --multi_gpu --num_processes 2 -m lowvram.train "
+        "--preset cpu-demo --resume-from latest")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert "resume with: python -m lowvram.train" in interrupted_message(tmp_path, ["--preset", "x"])

@@ -414,7 +414,7 @@ def test_out_of_memory_says_what_the_planner_suggests(tmp_path, monkeypatch):
     assert [(r.micro_batch, r.accumulation) for r in expected] == [(4, 1), (4, 1)]
     assert "CUDA ran out of memory during training (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
     assert "per_device_train_batch_size=2, gradient_accumulation_steps=2, precision='no'" in message
-    assert "The memory planner (lowvram.memory) says, for this model on a 4.0 GiB card" in message
+    assert "The memory planner (lowvram.memory) says, for this model with optimizer='adamw' on a 4.0 GiB card" in message
     assert ("with fp32 micro-batch <= 4, accumulation 1 (effective batch 4): try "
             "--per-device-train-batch-size 4 --gradient-accumulation-steps 1 --mixed-precision no") in message
     assert "with fp16 micro-batch <= 4" in message and len(calls) == 1
