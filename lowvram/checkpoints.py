@@ -14,6 +14,12 @@ What ``lowvram.train.train`` relies on:
   rows must be this run's; every file must have its recorded size and sha256, and the RNG
   state of every process must be there. ``"latest"`` skips (and names) checkpoints of another
   run; it never calls them corrupt.
+- **One timeline.** A run resumed from an older checkpoint of its directory moves the later
+  ones aside (``lowvram.outputdir.set_aside_later_checkpoints``), so the highest step in
+  ``checkpoints/`` is always the current timeline's and ``"latest"`` never picks an abandoned
+  one. Each resume is recorded (``history["resumed_from"]``, and in every later manifest).
+- **Only good states.** Weights that hold NaN or inf are never saved: the run stops with a
+  ``NonFiniteLossError`` instead, so the last checkpoint is the last good state.
 
 The output directory they live in (its lock, its other files, the disk) is
 ``lowvram.outputdir``'s.

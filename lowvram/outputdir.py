@@ -75,6 +75,13 @@ def _mount_point(path: Path) -> Path:
     return path
 
 
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # not POSIX
+        return False
+
+
 def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
@@ -181,6 +188,11 @@ def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool,
             f"output_dir={str(output_dir)!r} cannot be created ({type(err).__name__}: "
             f"{err.strerror or err}): choose another --output-dir"
         ) from None
+    if not os.access(output_dir, os.W_OK | os.X_OK) and _read_only_mount(output_dir):
+        raise PermissionError(  # n77: chmod cannot help there
+            f"output_dir={str(output_dir)!r} is on a read-only file system (mounted at "
+            f"{_mount_point(output_dir)}): choose another --output-dir on a writable disk"
+        )
     if not os.access(output_dir, os.W_OK | os.X_OK):
         raise PermissionError(
             f"output_dir={str(output_dir)!r} is not writable: choose another --output-dir, or "

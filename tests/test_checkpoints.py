@@ -520,3 +520,14 @@ def test_interrupted_data_parallel_run_prints_its_own_launcher(tmp_path, monkeyp
         "--preset cpu-demo --resume-from latest")
     monkeypatch.delenv("WORLD_SIZE")
     assert "resume with: python -m lowvram.train" in interrupted_message(tmp_path, ["--preset", "x"])
+
+
+def test_output_dir_on_a_read_only_mount_is_not_told_to_chmod(tmp_path, monkeypatch):
+    # n77 before: "make it writable (chmod u+w ...)", which cannot help on a read-only mount
+    from lowvram.outputdir import check_output_dir
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setattr(lowvram.outputdir, "_read_only_mount", lambda path: True)
+    with pytest.raises(PermissionError, match=r"is on a read-only file system \(mounted at .*\): "
+                                              r"choose another --output-dir on a writable disk"):
+        check_output_dir(tmp_path, resume=False, overwrite=False, num_parameters=10)

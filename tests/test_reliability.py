@@ -155,8 +155,14 @@ def test_checkpoint_manifest_and_keep_last_n(tmp_path):
     assert latest_checkpoint(tmp_path / "nothing") is None
     # a resumed run in the same directory saves step 7 again: swapped in, nothing left over
     run(out, max_steps=7, checkpoint_interval=2, keep_checkpoints=2, resume_from="latest")
-    run(out, max_steps=7, checkpoint_interval=2, keep_checkpoints=2, resume_from=path)
     assert checkpoints(out) == ["step_000006", "step_000007"]
+    # a redo from step 6: the old step 7 (another timeline) is kept aside, never replaced
+    old_7 = hashlib.sha256((out / "checkpoints" / "step_000007" / "manifest.json").read_bytes())
+    run(out, max_steps=7, checkpoint_interval=2, keep_checkpoints=2, resume_from=path)
+    aside = [n for n in checkpoints(out) if n.startswith("abandoned-")]
+    assert checkpoints(out) == [*aside, "step_000006", "step_000007"] and len(aside) == 1
+    kept = out / "checkpoints" / aside[0] / "step_000007" / "manifest.json"
+    assert hashlib.sha256(kept.read_bytes()).digest() == old_7.digest()
 
 
 def _crash_in_optimizer_save(monkeypatch, at_checkpoint: int) -> None:
