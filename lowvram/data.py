@@ -130,9 +130,8 @@ def _preset_hint(model_config: ModelConfig) -> str:
     """`--preset NAME` when model_config is a preset's, else the prepare_data call; for a
     vocabulary too small for the default corpus's BPE (the tiny preset), own data."""
     if model_config.vocab_size < _MIN_VOCAB:
-        return (f"nothing: the default corpus needs vocab_size >= {_MIN_VOCAB} (a byte-level "
-                f"BPE), so `python -m lowvram.data` cannot make data for vocab_size="
-                f"{model_config.vocab_size}. Instead put your own train_data.pt and val_data.pt "
+        return (f"`python -m lowvram.data` cannot make it: the default corpus needs vocab_size >= "
+                f"{_MIN_VOCAB} (a byte-level BPE), not {model_config.vocab_size}. Instead put your own train_data.pt and val_data.pt "
                 f"(ids < {model_config.vocab_size}) there, or pass train_data= and val_data= to "
                 "train() (random stand-in rows: lowvram.data.random_rows(model_config, n)). "
                 "Or use a preset with its own data, e.g. `python -m lowvram.data --preset "
@@ -420,7 +419,7 @@ def load_datasets(
                     f"no data for vocab_size={model_config.vocab_size}, "
                     f"block_size={model_config.block_size}: {path} does not exist. "
                     + (f"Run {run} to prepare it, or put your own train_data.pt and val_data.pt "
-                       f"into {data_dir}/" if run.startswith("`") else f"Run {run}")
+                       f"into {data_dir}/" if model_config.vocab_size >= _MIN_VOCAB else run)
                 )
         files = DataFiles(own[0], own[1], None, "shakespeare")
         problem = _tensors_problem(files, _read_meta(out_dir) or {})
