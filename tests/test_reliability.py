@@ -155,8 +155,14 @@ def test_checkpoint_manifest_and_keep_last_n(tmp_path):
     assert latest_checkpoint(tmp_path / "nothing") is None
     # a resumed run in the same directory saves step 7 again: swapped in, nothing left over
     run(out, max_steps=7, checkpoint_interval=2, keep_checkpoints=2, resume_from="latest")
-    run(out, max_steps=7, checkpoint_interval=2, keep_checkpoints=2, resume_from=path)
     assert checkpoints(out) == ["step_000006", "step_000007"]
+    # a redo from step 6: the old step 7 (another timeline) is kept aside, never replaced
+    old_7 = hashlib.sha256((out / "checkpoints" / "step_000007" / "manifest.json").read_bytes())
+    run(out, max_steps=7, checkpoint_interval=2, keep_checkpoints=2, resume_from=path)
+    aside = [n for n in checkpoints(out) if n.startswith("abandoned-")]
+    assert checkpoints(out) == [*aside, "step_000006", "step_000007"] and len(aside) == 1
+    kept = out / "checkpoints" / aside[0] / "step_000007" / "manifest.json"
+    assert hashlib.sha256(kept.read_bytes()).digest() == old_7.digest()
 
 
 def _crash_in_optimizer_save(monkeypatch, at_checkpoint: int) -> None:
@@ -414,7 +420,7 @@ def test_out_of_memory_says_what_the_planner_suggests(tmp_path, monkeypatch):
     assert [(r.micro_batch, r.accumulation) for r in expected] == [(4, 1), (4, 1)]
     assert "CUDA ran out of memory during training (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
     assert "per_device_train_batch_size=2, gradient_accumulation_steps=2, precision='no'" in message
-    assert "The memory planner (lowvram.memory) says, for this model on a 4.0 GiB card" in message
+    assert "The memory planner (lowvram.memory) says, for this model with optimizer='adamw' on a 4.0 GiB card" in message
     assert ("with fp32 micro-batch <= 4, accumulation 1 (effective batch 4): try "
             "--per-device-train-batch-size 4 --gradient-accumulation-steps 1 --mixed-precision no") in message
     assert "with fp16 micro-batch <= 4" in message and len(calls) == 1
@@ -581,3 +587,88 @@ def test_out_of_memory_in_tells_oom_from_other_runtime_errors():
                        "memory: you tried to allocate 1 bytes")
     assert out_of_memory_in(cpu)[1] is True
     assert out_of_memory_in(RuntimeError("shape mismatch")) is None
+
+
+# ----------------------------------------------------------------------------- the lock (n10)
+
+
+def _race(barrier, base: str, trials: int, active, most, wins, guard) -> None:
+    from lowvram.outputdir import OutputDirInUseError, OutputDirLock
+
+    for trial in range(trials):
+        barrier.wait()
+        lock = OutputDirLock(Path(base) / str(trial), log=lambda line: None)
+        try:
+            lock.acquire()
+        except OutputDirInUseError:
+            barrier.wait()
+            continue
+        with guard:
+            active.value += 1
+            most.value = max(most.value, active.value)
+            wins[trial] += 1
+        time.sleep(0.005)
+        with guard:
+            active.value -= 1
+        lock.release()
+        barrier.wait()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_lock_race_two_processes_never_both_win(tmp_path, stale):
+    # n10 before: with 2 processes at a barrier both held the lock in 15/60 trials (34/60 with a
+    # stale lock present): an empty, just-created lock looked stale and was unlinked
+    import multiprocessing
+    import socket
+
+    from lowvram.outputdir import LOCK_FILE
+
+    n_procs, trials = 4, 40
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for trial in range(trials):
+        (tmp_path / str(trial)).mkdir()
+        if stale:  # a killed run's lock: every racer sees a dead pid
+            (tmp_path / str(trial) / LOCK_FILE).write_text(f"{socket.gethostname()} {dead.pid}\n")
+    ctx = multiprocessing.get_context("fork")
+    barrier, guard = ctx.Barrier(n_procs), ctx.Lock()
+    active, most = ctx.Value("i", 0), ctx.Value("i", 0)
+    wins = ctx.Array("i", trials)
+    procs = [ctx.Process(target=_race, args=(barrier, str(tmp_path), trials, active, most, wins, guard))
+             for _ in range(n_procs)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * n_procs
+    assert most.value == 1  # never two holders at once
+    assert all(w >= 1 for w in wins)  # and never nobody: a stale lock is taken over
+    assert not any((tmp_path / str(t) / LOCK_FILE).exists() for t in range(trials))
+
+
+@pytest.mark.parametrize("content", ["", "stale"])
+def test_lock_being_taken_is_never_called_stale(tmp_path, content):
+    # n10's mechanism, made deterministic: another racer holds the lock but has not written its
+    # pid yet (an empty file), or is taking over a dead writer's lock (its pid still inside).
+    # before: both looked stale, were unlinked and taken: two holders
+    import fcntl
+    import socket
+
+    from lowvram.outputdir import LOCK_FILE, OutputDirInUseError, OutputDirLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / LOCK_FILE
+    path.write_text(f"{socket.gethostname()} {dead.pid}\n" if content else "")
+    other = os.open(path, os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other racer holds it
+    try:
+        with pytest.raises(OutputDirInUseError, match="another training"):
+            OutputDirLock(tmp_path, log=lambda line: None).acquire()
+        assert path.exists()  # not unlinked under the other racer
+    finally:
+        os.close(other)
+    lock = OutputDirLock(tmp_path, log=lambda line: None)  # released (or its process died)
+    lock.acquire()
+    assert path.read_text().split() == [socket.gethostname(), str(os.getpid())]
+    lock.release()

@@ -99,3 +99,23 @@ def test_follow_schedule_moves_the_lr_to_a_new_total():
     optimizer.param_groups[0]["lr"] = 0.0
     follow_schedule(same)  # a resume of the same run: unchanged
     assert same.get_last_lr() == [0.0]
+
+
+def test_effective_batch_is_the_batch_really_used():
+    # n66 before: 20 rows of data, batch 4 x accumulation 8 printed "effective batch: 32"
+    from lowvram.schedule import effective_batch
+
+    assert effective_batch(16, 4, 4, 2) == (32, None)
+    used, note = effective_batch(5, 4, 8, 1)
+    assert used == 20
+    assert "each optimizer step uses 20 rows, not 32" in note
+    assert "5/8 of their mean" in note and "--gradient-accumulation-steps 5" in note
+
+
+def test_train_prints_and_records_the_short_window_batch(tmp_path, capsys):
+    from conftest import run
+
+    history = run(tmp_path / "run", n_train=10, max_steps=2, gradient_accumulation_steps=8)
+    printed = capsys.readouterr().out
+    assert history["effective_batch_size"] == 10  # 5 micro-batches of 2
+    assert "effective batch: 10 |" in printed and "each optimizer step uses 10 rows, not 16" in printed

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowvram import _verifycli, memory, verify
-from lowvram.config import TrainConfig, get_preset
+from lowvram.config import get_preset
 from lowvram.memory import Recipe
 
 MiB = 2**20
@@ -53,15 +53,13 @@ def test_configs_for_a_plan_row_carry_its_recipe():
     assert (m.n_layer, m.vocab_size, t.max_lr) == (model.n_layer, model.vocab_size, train.max_lr)
 
 
-@pytest.mark.skipif("adamw_impl" in TrainConfig.__dataclass_fields__,
-                    reason="TrainConfig can say the AdamW kernel")
-def test_configs_for_refuses_a_kernel_train_cannot_run():
+def test_configs_for_carries_the_adamw_kernel_but_not_to_8bit():
     model, train = get_preset("rtx2050")
-    with pytest.raises(ValueError, match="adamw_impl='fused' cannot be trained yet"):
-        verify.configs_for(model, train, Recipe("f", "fp16", adamw_impl="fused"), 4, 4)
-    # foreach is what train() runs on CUDA anyway; 8-bit ignores the kernel
-    verify.configs_for(model, train, Recipe("f", "fp16"), 4, 4)
-    verify.configs_for(model, train, Recipe("f", "fp16", "adamw8bit", adamw_impl="fused"), 4, 4)
+    _, t = verify.configs_for(model, train, Recipe("f", "fp16", adamw_impl="fused"), 4, 4)
+    assert (t.optimizer, t.adamw_impl) == ("adamw", "fused")
+    # bitsandbytes' AdamW8bit has its own kernel: TrainConfig would refuse one
+    _, t = verify.configs_for(model, train, Recipe("f", "fp16", "adamw8bit", adamw_impl="fused"), 4, 4)
+    assert (t.optimizer, t.adamw_impl) == ("adamw8bit", None)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
