@@ -267,14 +267,14 @@ def get_preset(name: str) -> tuple[ModelConfig, TrainConfig]:
 # The reason column of the lesson's table, one per parameter (Azerbaijani, as in the course).
 _REASONS = {
     "mixed_precision": "16-bit dəqiqlik aktivasiyaları kiçildir; çəkilər, qradiyentlər və Adam "
-    "vəziyyəti fp32 qalır (25.2-dəki ölçmələrə baxın).",
-    "gradient_accumulation_steps": "Effektiv Batch Size-ı artırmaq: qradiyentlər bu qədər "
+    "vəziyyəti fp32 qalır (`25_2` dəftərinin CUDA proqnozuna baxın).",
+    "gradient_accumulation_steps": "Effektiv batch-i böyütmək: qradiyentlər bu qədər "
     "mikro-addımda yığılır, sonra çəkilər bir dəfə yenilənir.",
-    "per_device_train_batch_size": "Bir mikro-batch-da neçə ardıcıllıq: aktivasiya yaddaşı "
+    "per_device_train_batch_size": "Bir mikro-batch-da neçə sıra var: aktivasiya yaddaşı "
     "bununla düz mütənasib böyüyür.",
-    "effective_batch_size": "Bir optimizer addımının gördüyü ardıcıllıqlar: "
-    "per-device batch x yığım addımları x proseslər.",
-    "max_lr": "Warmup-dan sonra çatılan ən yüksək öyrənmə sürəti; sonra xətti azalır.",
+    "effective_batch_size": "Bir optimizator addımının gördüyü sıralar: "
+    "cihaz başına batch x yığım addımları x proseslər.",
+    "max_lr": "İsinmədən (warmup) sonra çatılan ən yüksək öyrənmə sürəti; sonra xətti azalır.",
     "block_size": "Kontekst uzunluğu (token): aktivasiya yaddaşı bununla böyüyür.",
     "model": "Qatlar x başlar x embedding ölçüsü: parametr sayını və yaddaşı müəyyən edir.",
 }
