@@ -165,7 +165,7 @@ def precision_advice(precision: str, device: torch.device | str) -> str | None:
     return (
         f"this CPU has native bf16 instructions ({', '.join(flags)}): bf16 autocast "
         "(mixed_precision='bf16', --mixed-precision bf16) usually trains faster than fp32 here "
-        "(about 1.5x for a 6 x 384 model; `make bench` measures it), at bf16's lower precision"
+        "(`make bench` measures by how much on this CPU), at bf16's lower precision"
     )
 
 

@@ -94,3 +94,18 @@ def test_accelerate_launch_one_and_two_cpu_processes(tmp_path):
     assert "processes: 2 | effective batch: 4 | steps: 4" in two
     assert len(_losses(one)) == len(_losses(two)) == 4
     assert _losses(two) == pytest.approx(_losses(one), abs=2e-4)  # printed to 4 decimals
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_script_trains_fp16_on_cuda(tmp_path, capsys):
+    """On a GPU the script runs the preset's precision for real: fp16 autocast + GradScaler."""
+    data = tmp_path / "data"
+    write_data(data, 20)
+    try:
+        losses = _script().main(["--preset", "tiny", "--data-dir", str(data),
+                                 "--mixed-precision", "fp16", "--log-every", "1"])
+    finally:
+        reset_accelerate_state()
+    assert "precision: fp16 | processes: 1" in capsys.readouterr().out
+    assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
