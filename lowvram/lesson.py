@@ -3,6 +3,7 @@
     from lowvram.lesson import LESSON_SCRIPT, lesson_line, side_by_side
     lesson_line("accelerator.prepare(")     # 38: the line number in the lesson's own script
     print(side_by_side())                   # the six parts, the lesson's lines over ours
+    print(script_diff("notebooks/train_accelerate.py", [6]))   # lesson -> corrected, part 6
 
 The script is stored verbatim (``lesson_train_accelerate.txt``, line 1 = ``import torch``), so
 line numbers are computed, not typed, and ``train`` can be read against it part by part: both
@@ -11,12 +12,13 @@ mark their parts with ``# 1.`` ... ``# 6.`` comments.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["LESSON_SCRIPT", "lesson_line", "parts", "side_by_side"]
+__all__ = ["LESSON_SCRIPT", "lesson_line", "parts", "script_diff", "side_by_side"]
 
 LESSON_SCRIPT = (Path(__file__).with_name("lesson_train_accelerate.txt")).read_text(encoding="utf-8")
 _PART = re.compile(r"^\s*# (\d)\. ")
@@ -62,3 +64,25 @@ def side_by_side(function: Callable | None = None) -> str:
         out.append(f"--- lowvram/train.py, {function.__name__}()")
         out += [f"{n:>4}  {text}" for n, text in ours.get(part, []) if text.strip()]
     return "\n".join(out)
+
+
+def script_diff(corrected: str | Path, part_numbers: Iterable[int] = range(1, 8)) -> str:
+    """A unified diff, lesson -> ``corrected`` script, of the parts ``part_numbers``.
+
+    Indentation and blank lines are ignored (the corrected script's parts live inside a
+    function); ``-`` lines are the lesson's, ``+`` lines the correction's, ``@@`` hunks carry the
+    lines' numbers among the compared (non-blank) lines. Raises ValueError for a part either
+    script lacks.
+    """
+    corrected = Path(corrected)
+    ours, lesson = parts(corrected.read_text(encoding="utf-8")), parts(LESSON_SCRIPT)
+    old: list[str] = []
+    new: list[str] = []
+    for part in part_numbers:
+        if part not in ours or part not in lesson:
+            raise ValueError(f"part {part} is not in both the lesson's script and {corrected} "
+                             f"(they have parts {sorted(lesson)} and {sorted(ours)})")
+        old += [text.strip() for _, text in lesson[part] if text.strip()]
+        new += [text.strip() for _, text in ours[part] if text.strip()]
+    diff = difflib.unified_diff(old, new, "dərs", "düzəldilmiş", n=0, lineterm="")
+    return "\n".join(list(diff)[2:])  # without the two file-name lines

@@ -3,7 +3,11 @@
     from lowvram.precision import resolve_precision
     precision, reason = resolve_precision("fp16", "cpu")   # ('no', 'fp16 was requested on cpu ...')
 
-``resolve_precision`` is the one place precision is decided (``lowvram.train`` and
+``requested_precision`` says which precision was asked for, in a stated order:
+``--mixed-precision`` (the CLI) > accelerate's configured precision (``ACCELERATE_MIXED_PRECISION``,
+which ``accelerate launch`` sets from ``accelerate config``'s file or its ``--mixed_precision``)
+> the preset's ``TrainConfig.mixed_precision``. ``resolve_precision`` then decides what runs on
+this device; it is the one place precision is decided (``lowvram.train`` and
 ``lowvram.environment`` both ask it). ``force_grad_scaler`` makes a CPU Accelerator behave like
 fp16 on a GPU, for demonstrations. ``precision_advice`` says, as advice only, when this CPU has
 native bf16 instructions (bf16 autocast then runs faster than fp32; the notebooks stay fp32, so
@@ -13,7 +17,9 @@ that their stored outputs do not depend on the CPU).
 from __future__ import annotations
 
 import functools
+import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -26,6 +32,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "force_grad_scaler",
     "precision_advice",
+    "requested_precision",
     "resolve_precision",
 ]
 
@@ -36,6 +43,46 @@ assert tuple(PRECISION_LABELS) == PRECISIONS  # one list of allowed values (lowv
 # CPU flags (Linux /proc/cpuinfo) of native bf16 matmuls: AVX512-BF16 (Cooper Lake, Zen 4) and
 # AMX-BF16 (Sapphire Rapids). Without them oneDNN emulates bf16 and it is slower than fp32.
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _accelerate_config_file() -> Path:
+    """Where ``accelerate config`` writes its answers (by default)."""
+    from accelerate.commands.config import default_config_file
+
+    return Path(default_config_file)
+
+
+def requested_precision(preset: str, override: str | None = None, *,
+                        environ: Mapping[str, str] | None = None,
+                        config_file: str | Path | None = None) -> tuple[str, str]:
+    """The precision asked for and who asked: ``--mixed-precision`` > accelerate > the preset.
+
+    ``override``: an explicit choice (the CLI's ``--mixed-precision``); it always wins.
+    Otherwise accelerate's configured precision, ``ACCELERATE_MIXED_PRECISION`` in ``environ``
+    (default ``os.environ``), wins over ``preset``. ``accelerate launch`` sets that variable from
+    its ``--mixed_precision`` flag or from ``accelerate config``'s file, and to ``"no"`` when
+    neither exists; so a ``"no"`` counts only when an accelerate config file (``config_file``,
+    default accelerate's own) exists, otherwise it is the launcher's default and the preset
+    wins. Plain ``python`` ignores the config file, as accelerate itself does. Returns
+    ``(precision, source)``; raises ValueError naming a value that is not one of PRECISIONS.
+    """
+    def checked(value: str, where: str) -> str:
+        if value not in PRECISIONS:
+            allowed = ", ".join(repr(p) for p in PRECISIONS)
+            raise ValueError(f"{where}={value!r} is not allowed: use one of {allowed} "
+                             "('no' is fp32)")
+        return value
+
+    if override is not None:
+        return checked(override, "--mixed-precision"), "--mixed-precision"
+    environ = os.environ if environ is None else environ
+    configured = environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if configured:
+        config_file = _accelerate_config_file() if config_file is None else Path(config_file)
+        if configured != "no" or config_file.exists():
+            checked(configured, "ACCELERATE_MIXED_PRECISION")
+            return configured, "accelerate (ACCELERATE_MIXED_PRECISION)"
+    return checked(preset, "mixed_precision"), "the preset"
 
 
 def resolve_precision(requested: str, device: torch.device | str) -> tuple[str, str]:
@@ -118,7 +165,7 @@ def precision_advice(precision: str, device: torch.device | str) -> str | None:
     return (
         f"this CPU has native bf16 instructions ({', '.join(flags)}): bf16 autocast "
         "(mixed_precision='bf16', --mixed-precision bf16) usually trains faster than fp32 here "
-        "(about 1.5x for a 6 x 384 model; `make bench` measures it), at bf16's lower precision"
+        "(`make bench` measures by how much on this CPU), at bf16's lower precision"
     )
 
 

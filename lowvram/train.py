@@ -73,7 +73,12 @@ from lowvram.failures import (
 from lowvram.history import StepLog, log_line, new_history
 from lowvram.model import GPTModel
 from lowvram.optim import OPTIMIZERS, build_optimizer
-from lowvram.precision import force_grad_scaler, precision_advice, resolve_precision
+from lowvram.precision import (
+    force_grad_scaler,
+    precision_advice,
+    requested_precision,
+    resolve_precision,
+)
 from lowvram.schedule import (
     batches_per_process,
     count_optimizer_steps,
@@ -93,7 +98,7 @@ __all__ = [  # the names the notebooks import from here (most live in their own 
 def train(model_config: ModelConfig, train_config: TrainConfig, *,
           train_data: torch.Tensor | None = None, val_data: torch.Tensor | None = None,
           resume_from: str | Path | None = None, overwrite_output_dir: bool = False,
-          progress: bool = True, cpu: bool | None = None,
+          progress: bool = True, cpu: bool | None = None, mixed_precision: str | None = None,
           on_optimizer_step: Callable[[torch.nn.Module], None] | None = None) -> dict[str, Any]:
     """Train a GPTModel as the lesson does, corrected; return the history (also in history.json).
 
@@ -101,6 +106,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     ``train_config.data_dir``). ``resume_from``: a checkpoint directory, or ``"latest"`` (the
     newest of this run); with a larger ``max_steps`` the run is extended. ``overwrite_output_dir``:
     a fresh run may replace another run's files. ``cpu``: None is the GPU if any, else the CPU.
+    ``mixed_precision``: an explicit choice (the CLI's ``--mixed-precision``) that beats
+    accelerate's configured precision, which beats ``train_config.mixed_precision`` (the preset's;
+    ``lowvram.precision.requested_precision``). The ``precision:`` line says which one won.
     ``on_optimizer_step(model)``: called at each optimizer step, with the gradients complete and
     before clipping. Raises ValueError (bad data, settings or checkpoint), FileNotFoundError,
     OSError (an output dir that is a file, read-only, full, locked or another run's),
@@ -116,7 +124,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
     output_dir = Path(train_config.output_dir)
     warn_if_gpu_left_unused(cpu)  # a CPU build of torch, or a CUDA build on a too-old driver
     device = training_device(cpu)
-    precision, reason = resolve_precision(train_config.mixed_precision, device)
+    requested, source = requested_precision(train_config.mixed_precision, mixed_precision)
+    precision, reason = resolve_precision(requested, device)
+    reason = f"{requested!r} from {source}: {reason}"  # which of the three won
 
     # 2. The Accelerator, created inside the function, so that notebook_launcher and accelerate
     #    launch can run this function in each process. lesson: a module-level global.
@@ -398,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"argument {option}: {err}" if option else str(err))
     try:
         history = train(model_config, train_config, resume_from=args.resume_from,
+                        mixed_precision=args.mixed_precision,  # beats accelerate's and the preset's
                         overwrite_output_dir=args.overwrite_output_dir,
                         progress=not args.no_progress)
     except KeyboardInterrupt:

@@ -31,3 +31,20 @@ def test_train_has_the_lessons_six_parts_in_order():
     prepare = first + next(i for i, line in enumerate(lines) if "accelerator.prepare(" in line)
     assert f"{prepare:>4}  " in text  # our lines carry their numbers in lowvram/train.py
     assert "  38  model, optimizer, train_dataloader" in text
+
+
+def test_script_diff_shows_the_corrected_clipping(tmp_path):
+    from lowvram.lesson import script_diff
+
+    fixed = tmp_path / "fixed.py"
+    fixed.write_text(LESSON_SCRIPT.replace(
+        "            accelerator.clip_grad_norm_(model.parameters(), 1.0)",
+        "            if accelerator.sync_gradients:\n"
+        "                accelerator.clip_grad_norm_(model.parameters(), 1.0)"))
+    assert script_diff(fixed, [6]).splitlines() == [
+        "@@ -12,0 +13 @@", "+if accelerator.sync_gradients:"]  # the clip line itself is equal
+    assert script_diff(fixed, [1, 2, 3, 4, 5]) == ""  # the same parts
+    import pytest
+
+    with pytest.raises(ValueError, match="part 8 is not in both"):
+        script_diff(fixed, [8])

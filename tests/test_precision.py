@@ -13,6 +13,7 @@ from lowvram.precision import (
     cpu_has_native_bf16,
     force_grad_scaler,
     precision_advice,
+    requested_precision,
     resolve_precision,
 )
 
@@ -78,3 +79,50 @@ def test_force_grad_scaler_needs_an_fp16_accelerator():
     assert fake.native_amp and fake.scaler.get_scale() == 8.0
     assert lowvram.train.force_grad_scaler is force_grad_scaler  # what notebook 25_3 imports
     assert lowvram.train.resolve_precision is resolve_precision
+
+
+# ----------------------------------------------------------------------------- the order
+
+
+def test_requested_precision_order(tmp_path):
+    """--mixed-precision > accelerate's configured precision > the preset."""
+    no_file = tmp_path / "absent.yaml"
+    env = {"ACCELERATE_MIXED_PRECISION": "bf16"}
+    assert requested_precision("fp16", environ={}, config_file=no_file) == ("fp16", "the preset")
+    assert requested_precision("fp16", environ=env, config_file=no_file) == (
+        "bf16", "accelerate (ACCELERATE_MIXED_PRECISION)")
+    assert requested_precision("fp16", "no", environ=env, config_file=no_file) == (
+        "no", "--mixed-precision")
+    # accelerate launch sets "no" when nothing is configured: that is not a choice ...
+    launcher_default = {"ACCELERATE_MIXED_PRECISION": "no"}
+    assert requested_precision("fp16", environ=launcher_default, config_file=no_file)[0] == "fp16"
+    # ... but with a config file it is what the learner answered in `accelerate config`
+    config = tmp_path / "default_config.yaml"
+    config.write_text("mixed_precision: 'no'\n")
+    assert requested_precision("fp16", environ=launcher_default, config_file=config)[0] == "no"
+
+
+def test_requested_precision_names_a_bad_value(tmp_path):
+    with pytest.raises(ValueError, match=r"ACCELERATE_MIXED_PRECISION='fp8' is not allowed"):
+        requested_precision("no", environ={"ACCELERATE_MIXED_PRECISION": "fp8"},
+                            config_file=tmp_path / "absent.yaml")
+    with pytest.raises(ValueError, match=r"--mixed-precision='half' is not allowed"):
+        requested_precision("no", "half", environ={})
+
+
+def test_train_follows_accelerate_mixed_precision(tmp_path, monkeypatch, capsys):
+    """The environment beats the preset ('no'), the explicit argument beats the environment."""
+    from conftest import run
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    history = run(tmp_path / "env", max_steps=1)
+    assert history["precision"] == "bf16"
+    assert "ACCELERATE_MIXED_PRECISION" in history["precision_reason"]
+    assert "precision: bf16 ('bf16' from accelerate" in capsys.readouterr().out
+    from conftest import MODEL, TRAIN, rows
+
+    config = TRAIN.replace(output_dir=str(tmp_path / "cli"), max_steps=1)
+    history = lowvram.train.train(MODEL, config, train_data=rows(8), val_data=rows(4, seed=1),
+                                  progress=False, mixed_precision="no")
+    assert history["precision"] == "no"
+    assert "from --mixed-precision" in capsys.readouterr().out
