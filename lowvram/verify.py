@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import io
 import tempfile
 import time
@@ -150,20 +149,18 @@ def _adamw_impl(train_config: TrainConfig) -> str:
 
 def _predict(model_config: ModelConfig, train_config: TrainConfig, precision: str,
              capability: tuple[int, int]) -> tuple[Any, bool]:
-    """``measure_step``'s report for this run's step, and whether it modelled the accumulation
-    (older planners take no ``gradient_accumulation_steps``: they predict one micro-batch)."""
+    """``measure_step``'s report for this run's optimizer step (its accumulation included), and
+    True: the accumulation is modelled (the key stays in the result for older readers)."""
     from lowvram import memory
 
     recipe = memory.Recipe("verify", precision=precision, optimizer=train_config.optimizer,
                            adamw_impl=_adamw_impl(train_config))
-    kwargs: dict[str, Any] = {"target": "cuda", "max_grad_norm": train_config.max_grad_norm,
-                              "cuda_capability": capability}
-    accumulation = "gradient_accumulation_steps" in inspect.signature(memory.measure_step).parameters
-    if accumulation:
-        kwargs["gradient_accumulation_steps"] = train_config.gradient_accumulation_steps
-    report = memory.measure_step(model_config, train_config.per_device_train_batch_size, recipe,
-                                 **kwargs)
-    return report, accumulation
+    report = memory.measure_step(
+        model_config, train_config.per_device_train_batch_size, recipe, target="cuda",
+        max_grad_norm=train_config.max_grad_norm, cuda_capability=capability,
+        gradient_accumulation_steps=train_config.gradient_accumulation_steps,
+    )
+    return report, True
 
 
 # --------------------------------------------------------------------------- the check

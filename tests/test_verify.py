@@ -180,7 +180,8 @@ def test_verify_training_caps_runs_and_lifts_the_cap(fake_cuda):
     assert r["context_after_bytes"] == 600 * MiB - 100 * MiB  # used - reserved, after the run
     assert r["cap_bytes"] == int(cap * 8 * GiB) and r["card_bytes"] == 4 * GiB
     assert (r["measured_allocated_bytes"], r["measured_reserved_bytes"]) == (300 * MiB, 320 * MiB)
-    predicted = memory.measure_step(model, 2, Recipe("p", "no"), cuda_capability=(8, 6))
+    predicted = memory.measure_step(model, 2, Recipe("p", "no"), gradient_accumulation_steps=2,
+                                    cuda_capability=(8, 6))  # tiny: 2 x 2, accumulation modelled
     assert r["predicted_allocated_bytes"] == predicted.peak_bytes
     assert r["allocated_error"] == pytest.approx(predicted.peak_bytes / (300 * MiB) - 1)
     assert (r["micro_batch"], r["gradient_accumulation_steps"], r["precision"]) == (2, 2, "no")
