@@ -137,7 +137,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
         # lesson: a plain shuffle; a seedable sampler makes the order depend on (seed, epoch)
         # only, the same for 1 and 2 processes and reproducible when resuming mid-epoch
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                  data_seed=train_config.seed),
+                                                  data_seed=train_config.seed,
+                                                  non_blocking=device.type == "cuda"),
     )
     num_processes = accelerator.num_processes
     if device.type == "cpu" and num_processes > 1:
@@ -152,6 +153,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
             train_data, val_data, batch_size=train_config.per_device_train_batch_size,
             eval_batch_size=train_config.per_device_eval_batch_size,
             drop_last=train_config.drop_last, seed=train_config.seed,
+            # on a GPU: page-locked batches, copied without a wait (non_blocking above). A
+            # plain copy makes the CPU wait for the GPU to finish all queued work, 1x per
+            # micro-batch (measured on an H200: 4 of the 5 waits of the lesson's 4 x 4 step)
+            pin_memory=device.type == "cuda",
         )  # fmt: skip
         batches_per_epoch = batches_per_process(len(train_loader), num_processes,
                                                 train_config.drop_last, rows=len(train_data))

@@ -696,3 +696,11 @@ def test_tokenizers_bare_exception_and_a_full_disk_are_named(tmp_path):
                        r"Writing train_data.pt failed and nothing half-written was kept"):
         _atomic_write(tmp_path / "train_data.pt", full)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_build_dataloaders_pins_both_loaders_only_when_asked():
+    """A CUDA run asks for page-locked batches (copied to the GPU without a wait); others don't."""
+    rows = torch.arange(8 * 5).reshape(8, 5)
+    for pin in (False, True):
+        train_dl, val_dl = build_dataloaders(rows, rows, batch_size=4, pin_memory=pin)
+        assert (train_dl.pin_memory, val_dl.pin_memory) == (pin, pin)

@@ -79,6 +79,36 @@ def test_verify_training_reports_running_out_of_memory_and_lifts_the_cap():
     assert _allocator_cap_is_lifted()
 
 
+def test_train_waits_for_the_gpu_once_per_optimizer_step(tmp_path):
+    """Issue 19: pinned batches copied without a wait; the GradScaler's inf check is the one
+    synchronisation of a step (a plain copy would add one per micro-batch: 4 in a 4 x 4 step)."""
+    from lowvram._bench.gpu_profile import SyncCounter
+
+    rows = random_rows(DEMO_MODEL, 16 * 8, seed=0)
+    config = DEMO_TRAIN.replace(per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                                mixed_precision="fp16", max_steps=6)
+    counter, steps = SyncCounter(), []
+
+    def on_step(model) -> None:  # count over optimizer steps 2..5 (after warm-up)
+        steps.append(len(steps) + 1)
+        if len(steps) == 2:
+            counter.start()
+        if len(steps) == 5:
+            counter.stop()
+
+    config = config.replace(output_dir=str(tmp_path), num_epochs=1, eval_interval=0,
+                            eval_max_batches=1, checkpoint_interval=0, log_interval=10**6)
+    try:
+        train(DEMO_MODEL, config, train_data=rows, val_data=rows[:4], progress=False, cpu=False,
+              on_optimizer_step=on_step)
+    finally:
+        counter.stop()
+    assert len(steps) == 6
+    assert counter.total == 3, dict(counter.sites)  # 3 steps: one wait each (GradScaler.step)
+    assert all("lowvram/train.py" in site or "optimizer" in site for site in counter.sites), \
+        dict(counter.sites)
+
+
 def test_fp16_train_on_cuda_scales_the_loss_and_matches_fp32(tmp_path):
     rows = random_rows(DEMO_MODEL, 48, seed=0)
     config = DEMO_TRAIN.replace(per_device_train_batch_size=4, gradient_accumulation_steps=4,

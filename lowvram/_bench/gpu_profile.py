@@ -26,6 +26,7 @@ import contextlib
 import functools
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,9 @@ WAITING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSyn
 
 def _site(stack: list[traceback.FrameSummary]) -> str:
     """The first frame outside torch (who asked torch for the value), and the loop's line."""
-    outside = [f for f in stack if "/torch/" not in f.filename and "warnings.py" not in f.filename]
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    outside = [f for f in stack if not f.filename.startswith(torch_dir)
+               and not f.filename.endswith("warnings.py")]
     if not outside:
         return "?"
 
@@ -60,21 +63,17 @@ def _site(stack: list[traceback.FrameSummary]) -> str:
     return short(caller) + (f" <- {short(loop)}" if loop is not None and loop is not caller else "")
 
 
-class Window:
-    """Turns on, for steps ``[start, stop)`` of a loop, a sync recorder and/or a profiler."""
+class SyncCounter:
+    """Counts the host-device synchronisations while on, by where they come from (a site).
 
-    def __init__(self, start: int, stop: int, *, syncs: bool = False, profile: bool = False):
-        self.start, self.stop, self.n = start, stop, 0
+    ``torch.cuda.set_sync_debug_mode("warn")`` makes torch warn at every synchronising call
+    (a blocking copy, ``.item()``, ...); each warning's stack becomes a site (:func:`_site`).
+    """
+
+    def __init__(self) -> None:
         self.sites: collections.Counter[str] = collections.Counter()
-        self.events: list[torch.cuda.Event] = []
-        self.syncs, self.prof = syncs, None
-        if profile:
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as make_profile
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.version.cuda else [])
-            self.prof = make_profile(activities=acts)
         self._saved = None
+        self._filters = None
 
     def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
         if "synchroniz" in str(message):
@@ -82,17 +81,50 @@ class Window:
         elif self._saved is not None:
             self._saved(message, category, filename, lineno, file, line)
 
+    def start(self) -> None:
+        self._saved, self._filters = warnings.showwarning, warnings.filters[:]
+        warnings.showwarning = self._show
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if self._saved is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning, warnings.filters[:] = self._saved, self._filters
+            self._saved = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
+
+
+class Window:
+    """Turns on, for steps ``[start, stop)`` of a loop, a sync recorder and/or a profiler."""
+
+    def __init__(self, start: int, stop: int, *, syncs: bool = False, profile: bool = False):
+        self.start, self.stop, self.n = start, stop, 0
+        self.counter = SyncCounter() if syncs else None
+        self.events: list[torch.cuda.Event] = []
+        self.prof = None
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as make_profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.version.cuda else [])
+            self.prof = make_profile(activities=acts)
+
+    @property
+    def sites(self) -> collections.Counter[str]:
+        return self.counter.sites if self.counter is not None else collections.Counter()
+
     def tick(self) -> None:
         """Call once per optimizer step, when its gradients are complete."""
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         self.events.append(event)
         if self.n == self.start:
-            if self.syncs:
-                self._saved = warnings.showwarning
-                warnings.showwarning = self._show
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
+            if self.counter is not None:
+                self.counter.start()
             if self.prof is not None:
                 self.prof.start()
         if self.n == self.stop:
@@ -100,10 +132,8 @@ class Window:
         self.n += 1
 
     def close(self) -> None:
-        if self.syncs and self._saved is not None:
-            torch.cuda.set_sync_debug_mode(0)
-            warnings.showwarning = self._saved
-            self._saved = None
+        if self.counter is not None:
+            self.counter.stop()
         if self.prof is not None and self.n >= self.start and not getattr(self, "_stopped", False):
             self.prof.stop()
             self._stopped = True

@@ -91,8 +91,10 @@ def _plain_loop(
     # (a host sync on a GPU); a GPTModel without the switch ignores it
     model.check_token_range = False
     optimizer = build_optimizer(model.parameters(), train_config)  # the same as train()'s
+    cuda = device.type == "cuda"  # as train(): page-locked batches, copied without a wait
     train_loader, _ = build_dataloaders(
-        train_data, val_data, train_config.per_device_train_batch_size, drop_last=True, seed=train_config.seed
+        train_data, val_data, train_config.per_device_train_batch_size, drop_last=True,
+        seed=train_config.seed, pin_memory=cuda,
     )
     accum = train_config.gradient_accumulation_steps
     warmup = int(total_steps * train_config.warmup_ratio)
@@ -121,7 +123,7 @@ def _plain_loop(
             optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can
         for _ in range(accum):
             (rows,) = next(batches)
-            rows = rows.to(device)
+            rows = rows.to(device, non_blocking=cuda)
             X, Y = rows[:, :-1], rows[:, 1:]
             with autocast:
                 logits, loss = model(X, Y)
