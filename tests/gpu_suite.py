@@ -61,7 +61,7 @@ BUDGET_S = 355  # the whole run (< 6 min): the lent machine's call allows about 
 BENCH_S = 100  # kept for the bench, which runs last
 PYTEST_S = 150  # pytest -m gpu, at most (other branches add gpu tests too)
 NOTEBOOK_TIMEOUT_S = 240  # one notebook
-NOTEBOOK_WORKERS = 4  # lanes of notebooks executed at once (notebook_lanes)
+NOTEBOOK_WORKERS = max(2, min(8, (os.cpu_count() or 2) // 2))  # lanes at once (notebook_lanes)
 
 # Executes one notebook in a fresh interpreter (nbclient), writing the executed copy; prints
 # one JSON line. The kernel starts in the notebook's own directory, as Jupyter starts it.
@@ -181,17 +181,13 @@ def notebook_paths() -> list[Path]:
         (REPO / "notebooks" / "solutions").glob("*.ipynb"))
 
 
-def _lesson(path: Path) -> str:
-    match = re.match(r"(\d+_\d+)", path.name)
-    return match.group(1) if match else path.stem
-
-
 def _shared(path: Path) -> set[str]:
-    """What a notebook shares with others, so that those run one after the other: its lesson
-    (a notebook and its solution), each run directory it names (runs/NAME: one trains, the next
-    reads), and the launcher (two launches at once collide on accelerate's default port)."""
+    """What a notebook shares with others, so that those run one after the other: each run
+    directory it names (runs/NAME: one trains, the next reads), and the launcher (two launches
+    at once collide on accelerate's default port). A solution that reads its lesson's run names
+    the same run directory; otherwise a notebook and its solution run side by side."""
     text = path.read_text(encoding="utf-8")
-    shared = {f"lesson {_lesson(path)}"} | set(re.findall(r"runs/[A-Za-z0-9_.-]+", text))
+    shared = set(re.findall(r"runs/[A-Za-z0-9_.-]+", text))
     if re.search(r"notebook_launcher\(|accelerate launch|use_port", text):
         shared.add("launcher")
     return shared

@@ -369,11 +369,17 @@ def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> 
         assert specs[1].train.optimizer == "adamw8bit" and specs[1].model.loss_chunk_size == 8
     assert (specs[1].train.per_device_train_batch_size, specs[1].train.gradient_accumulation_steps) == (16, 1)
 
-    results = gpu.run_gpu(specs[:1], steps=2, warmup=1)
+    results = gpu.run_gpu(specs[:1], steps=2, warmup=1, rounds=2)
     (row,) = results["rows"]
-    assert len(row["lowvram_ms"]) == len(row["plain_ms"]) == 2
+    assert len(row["lowvram_ms"]) == len(row["plain_ms"]) == 2 * 2  # 2 steps, 2 rounds
     assert all(positive(x / 1e3) for x in row["lowvram_ms"] + row["plain_ms"])
     assert row["ratio"] == row["lowvram_median_ms"] / row["plain_median_ms"]
+    import statistics
+
+    assert row["round_ratios"] == [  # each round: its own train() run against its plain run
+        statistics.median(row["lowvram_ms"][i:i + 2]) / statistics.median(row["plain_ms"][i:i + 2])
+        for i in (0, 2)]
+    assert f"**{row['ratio']:.3f}** ({row['round_ratios'][0]:.2f}, " in gpu.format_gpu_table(results)
     assert row["tokens_per_step"] == 4 * 4 * MODEL.block_size  # the 4 x 4 spec
     assert row["lowvram_peak_bytes"] == row["plain_peak_bytes"] == 123 * 2**20
     assert results["gpu"] == {"name": "Fake GPU"} and results["notes"] == []
