@@ -11,9 +11,10 @@ plain loop; this says why, for the lesson's fp16 4 x 4 on the rtx2050 model:
 2. **profile**: ``torch.profiler`` over a few steps of each loop: GPU kernel time per step
    against the step's wall time (the GPU's idle share), the CUDA calls that wait (stream
    synchronise, memcpy) and the host ops that take the most time;
-3. **variants**: ms per step of each loop with one difference removed at a time: pinned rows
-   copied without waiting (``pin_memory`` + ``non_blocking``), accelerate's fp32 copy of the
-   model's outputs off, accelerate's per-call ``is_lomo_available()`` package lookup off.
+3. **variants**: ms per step of each loop with one thing changed at a time: batches in
+   ordinary memory, each copy waiting for the GPU (``pageable``: how both loops ran before
+   issue 19), accelerate's fp32 copy of the model's outputs off, accelerate's per-call
+   ``is_lomo_available()`` package lookup off, and both of those off (``all``).
 
 A diagnostic for a lent GPU (a few minutes); nothing here is stored in a notebook or README.
 """
@@ -222,21 +223,12 @@ def _variant(name: str) -> Iterator[None]:
         saved.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
 
-    if name in ("pinned", "all"):
-        patch(lowvram.data, "DataLoader", functools.partial(lowvram.data.DataLoader, pin_memory=True))
+    if name == "pageable":  # before issue 19: ordinary memory, each copy waits for the GPU
+        patch(lowvram.data, "DataLoader", functools.partial(lowvram.data.DataLoader, pin_memory=False))
         patch(lowvram.train, "DataLoaderConfiguration",
-              functools.partial(lowvram.train.DataLoaderConfiguration, non_blocking=True))
-        import lowvram._bench.loops as loops_module  # the plain loop: rows.to(device, non_blocking)
-
-        original_to = torch.Tensor.to
-
-        def to(self, *args, **kwargs):
-            if self.is_pinned():
-                kwargs.setdefault("non_blocking", True)
-            return original_to(self, *args, **kwargs)
-
-        patch(torch.Tensor, "to", to)
-        del loops_module
+              functools.partial(lowvram.train.DataLoaderConfiguration, non_blocking=False))
+        # (the plain loop's non_blocking copy from ordinary memory waits as well: CUDA stages
+        # a pageable copy through its own buffer, after the stream's queued work)
     if name in ("no-fp32-outputs", "all"):
         patch(accelerate.accelerator, "convert_outputs_to_fp32", lambda f: f)
     if name in ("no-lomo-lookup", "all"):
@@ -297,7 +289,7 @@ def run_profile(steps: int = 8, warmup: int = 3, log: Callable[[str], None] = pr
             log(f"  host {op['self_host_ms_per_step']:7.2f} ms  x{op['count']:.0f}  {op['op'][:70]}")
 
     # 3. variants (no profiler, no sync recorder: timings)
-    variants = ["base", "pinned", "no-fp32-outputs", "no-lomo-lookup", "all"]
+    variants = ["base", "pageable", "no-fp32-outputs", "no-lomo-lookup", "all"]
     result["variants"] = {}
     for name in variants:
         for loop, runner in (("train", _run_train), ("plain", _run_plain)):
