@@ -147,3 +147,50 @@ def test_a_cap_releases_only_wholly_free_segments() -> None:
     sim.free(2)
     with pytest.raises(OutOfMemory):
         sim.malloc(3, 22 * MiB)  # 20 + 22 MiB > 41 MiB even with the 12 MiB released
+
+
+@pytest.mark.gpu
+def test_the_simulation_replays_this_gpus_own_trace() -> None:
+    """On a CUDA GPU: record the allocator's trace of the real ``train()`` (2 optimizer steps of
+    2 micro-batches, the rtx2050 model) and replay it: the simulation's rules must still be the
+    installed PyTorch's (a new default, e.g. expandable segments, would fail this)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from lowvram.config import get_preset
+    from lowvram.verify import verify_training
+
+    model_config, train_config = get_preset("rtx2050")
+    torch.cuda.memory._record_memory_history(enabled="all", context=None, max_entries=10**6)
+    try:
+        verify_training(model_config, train_config.replace(gradient_accumulation_steps=2),
+                        card_gib=64, steps=2)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = [(e["action"], e["addr"], e["size"]) for trace in snapshot["device_traces"]
+              for e in trace]
+    real = trace_reserved_peak(events)
+    assert real > 2000 * MiB
+    assert 0 <= replay(events, trace_addresses=True) - real <= 2 * MiB
+
+
+def test_replay_follows_the_traces_segments() -> None:
+    # A hand-made trace: 3 MiB in a 20 MiB segment at address 0, freed, the segment returned by
+    # empty_cache, then 30 MiB in a new 30 MiB segment at the same address (the driver reuses it)
+    events = [
+        ("segment_alloc", 0, 20 * MiB), ("alloc", 0, 3 * MiB), ("free_requested", 0, 3 * MiB),
+        ("free_completed", 0, 3 * MiB), ("segment_free", 0, 20 * MiB),
+        ("segment_alloc", 0, 30 * MiB), ("alloc", 0, 30 * MiB),
+    ]
+    assert trace_reserved_peak(events) == 30 * MiB
+    assert replay(events, trace_addresses=True) == 30 * MiB  # 20, then 0, then 30
+    # without the trace's segments nothing is returned: 20 MiB cached next to the new 30 MiB
+    assert replay(events) == 50 * MiB
+    # a split or busy segment is not returned
+    sim = CachingAllocatorSim()
+    sim.malloc(1, 3 * MiB)
+    assert not sim.release_segment(0) and sim.reserved == 20 * MiB
+    sim.free(1)
+    assert sim.release_segment(0) and sim.reserved == 0

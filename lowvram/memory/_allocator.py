@@ -109,6 +109,16 @@ class CachingAllocatorSim:
                 self._remove(block)
                 self.reserved -= block.size
 
+    def release_segment(self, addr: int) -> bool:
+        """Return the segment at ``addr`` to the driver if it is wholly free (``release_block``,
+        as ``torch.cuda.empty_cache()`` does); False if there is none such."""
+        block = self.free_blocks.get(addr)
+        if block is None or block.prev is not None or block.next is not None:
+            return False
+        self._remove(block)
+        self.reserved -= block.size
+        return True
+
     def malloc(self, key: int, nbytes: int, segment_addr: int | None = None) -> int:
         """Allocate ``nbytes`` for ``key``; return the bytes charged to ``allocated``.
 
@@ -179,8 +189,10 @@ def replay(events: Iterable[tuple[str, int, int]], trace_addresses: bool = False
     ``events``: ``(action, address, size)`` in order, as ``torch.cuda.memory._snapshot()``'s
     ``device_traces`` entries give them after ``torch.cuda.memory._record_memory_history()``:
     each ``"alloc"`` (size: the bytes requested) is simulated, each ``"free_completed"`` frees
-    the block at that address; ``"segment_alloc"`` (the real allocator's ``cudaMalloc``) is only
-    read for its address when ``trace_addresses`` is True, and other actions are ignored.
+    the block at that address. With ``trace_addresses`` a new segment gets the address of the
+    real allocator's ``"segment_alloc"`` just before (if it made one), and a ``"segment_free"``
+    (``empty_cache``) releases the simulated segment at that address; otherwise both are
+    ignored. Other actions are ignored.
     Blocks allocated before the trace began are unknown: their frees are ignored.
     """
     sim = CachingAllocatorSim()
@@ -197,6 +209,8 @@ def replay(events: Iterable[tuple[str, int, int]], trace_addresses: bool = False
             sim.free(addr)
         elif action == "segment_alloc":
             new_segment = addr  # the real allocator's new segment for the next "alloc"
+        elif action == "segment_free" and trace_addresses:
+            sim.release_segment(addr)
     return peak
 
 
