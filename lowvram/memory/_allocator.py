@@ -258,13 +258,16 @@ def smallest_capacity(requests: list[tuple[int, int]], resolution: int = 2 * MiB
     Found by bisection, which assumes that a larger cap never fails where a smaller one fits.
     """
     sim = CachingAllocatorSim()
+    allocated = 0
     for key, nbytes in requests:
         if nbytes < 0:
             sim.free(key)
         else:
             sim.malloc(key, nbytes)
+            allocated = max(allocated, sim.allocated)
     high = -(-max(sim.reserved, 1) // resolution) * resolution  # fits: nothing is ever released
-    low = 0  # fails (or nothing is allocated)
+    # fails: below the peak of the allocated blocks (or 0: nothing is allocated)
+    low = max(0, -(-allocated // resolution) * resolution - resolution)
     while high - low > resolution:
         mid = (low + high) // 2 // resolution * resolution
         if mid <= low:
