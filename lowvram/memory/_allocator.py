@@ -11,8 +11,13 @@ reserved peak equals the GPU's to within one 2 MiB small segment when new segmen
 addresses the driver gave them (``tests/data/alloc_trace_*``). What it cannot know is those
 addresses: the driver's ``cudaMalloc`` hands out virtual addresses in its own order, and the
 allocator breaks best-fit ties between equal-sized free blocks by address. The simulation gives
-each new segment the next higher address (as a fresh process with nothing freed mostly sees);
-on the chunked-loss trace that alone moves the reserved peak by +2.8% (one 94 MiB segment).
+each new segment the next higher address (an assumption: in those traces, recorded in a process
+that had returned segments before, the driver's order was not ascending); on the chunked-loss
+trace that alone moves the reserved peak by +2.8% (one 94 MiB segment more).
+
+The uncapped reserved peak (``torch.cuda.max_memory_reserved()`` on a big GPU) overstates what a
+card must hold: under a cap the allocator returns wholly free cached segments before it fails.
+:func:`smallest_capacity` finds the smallest cap a simulated sequence fits under.
 """
 
 from __future__ import annotations
