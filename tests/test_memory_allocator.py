@@ -174,7 +174,9 @@ def test_the_simulation_replays_this_gpus_own_trace() -> None:
               for e in trace]
     real = trace_reserved_peak(events)
     assert real > 2000 * MiB
-    assert 0 <= replay(events, trace_addresses=True) - real <= 2 * MiB
+    # small blocks that earlier tests left in this process served some requests on the GPU;
+    # the simulation does not know them and makes a few 2 MiB small segments more
+    assert 0 <= replay(events, trace_addresses=True) - real <= 10 * MiB
 
 
 def test_replay_follows_the_traces_segments() -> None:
@@ -186,6 +188,8 @@ def test_replay_follows_the_traces_segments() -> None:
         ("segment_alloc", 0, 30 * MiB), ("alloc", 0, 30 * MiB),
     ]
     assert trace_reserved_peak(events) == 30 * MiB
+    # a segment made before the trace began (at 64 MiB) and freed in it is not subtracted
+    assert trace_reserved_peak([("segment_free", 64 * MiB, 40 * MiB), *events]) == 30 * MiB
     assert replay(events, trace_addresses=True) == 30 * MiB  # 20, then 0, then 30
     # without the trace's segments nothing is returned: 20 MiB cached next to the new 30 MiB
     assert replay(events) == 50 * MiB

@@ -227,13 +227,17 @@ def replay(events: Iterable[tuple[str, int, int]], trace_addresses: bool = False
 
 
 def trace_reserved_peak(events: Iterable[tuple[str, int, int]]) -> int:
-    """The real allocator's peak reserved bytes during a trace (its segment allocs and frees)."""
+    """The real allocator's peak reserved bytes during a trace (its segment allocs and frees):
+    the segments made within the trace, like :func:`replay`'s (a segment made before the trace
+    began and freed in it is not counted)."""
+    segments: dict[int, int] = {}
     reserved = peak = 0
-    for action, _, size in events:
+    for action, addr, size in events:
         if action == "segment_alloc":
+            segments[addr] = size
             reserved += size
             peak = max(peak, reserved)
-        elif action == "segment_free":
+        elif action == "segment_free" and segments.pop(addr, None) is not None:
             reserved -= size
     return peak
 
