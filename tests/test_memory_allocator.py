@@ -237,6 +237,7 @@ def test_smallest_capacity_of_the_real_traces() -> None:
     assert smallest_capacity(requests_of(events)) == 3426 * MiB
 
 
+@pytest.mark.slow  # one measurement of the 134M-parameter model: ~10 s on 2 cores
 def test_the_planners_step_needs_what_the_real_one_needs_under_a_cap(monkeypatch) -> None:
     """The planner's simulated step (fake tensors, the rtx2050 model, fp16 16 x 1 with the
     chunked loss) against the H200 trace of the real train(): the smallest cap each fits under
