@@ -44,7 +44,7 @@ install: $(STAMP)
 
 # The default corpus, tokenizer and train/val tensors (cached under data/; a re-run reuses them).
 # re-run (a quick check) when the code that makes or checks the data changes
-$(DATA_STAMP): $(STAMP) lowvram/data.py lowvram/corpus.py
+$(DATA_STAMP): $(STAMP) lowvram/data.py lowvram/_datacache.py lowvram/corpus.py
 	$(PY) -m lowvram.data --preset cpu-demo
 	touch $(DATA_STAMP)
 

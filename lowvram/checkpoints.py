@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from lowvram._files import sha256_file  # one file hash for the data cache and checkpoints
-from lowvram.outputdir import CHECKPOINTS_DIR, MODEL_FILE, disk_full, disk_full_error
+from lowvram.outputdir import (  # the listing lives there: outputdir needs it, and imports nothing here
+    CHECKPOINTS_DIR,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    complete_checkpoints,
+    disk_full,
+    disk_full_error,
+    latest_checkpoint,
+)
 
 __all__ = [
     "MANIFEST_FILE",
@@ -53,9 +61,7 @@ __all__ = [
 ]
 
 LOOP_STATE_FILE = "loop_state.json"  # next to accelerate's files in each checkpoint
-MANIFEST_FILE = "manifest.json"  # a checkpoint's last file: step, configs, identity, file hashes
 MANIFEST_FORMAT = 2  # 2: files as {name: {"bytes", "sha256"}}, plus the run identity
-_COMPLETE = re.compile(r"step_\d{6,}")  # a complete checkpoint's directory name
 _UNFINISHED = re.compile(r"step_\d{6,}\.(tmp|old)")  # a save in progress, or killed mid-way
 
 
@@ -161,30 +167,6 @@ def _remove(path: Path) -> None:
         path.unlink()
     else:
         shutil.rmtree(path)
-
-
-# ----------------------------------------------------------------------------- listing
-
-
-def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """The complete checkpoints (renamed into place, manifest present), oldest step first."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = [
-        p for p in checkpoints_dir.iterdir()
-        if _COMPLETE.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()
-    ]  # fmt: skip
-    return sorted(found, key=lambda p: int(p.name[len("step_"):]))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``output_dir/checkpoints``, or None.
-
-    A save that was interrupted (``step_XXXXXX.tmp``) is never returned. (``train`` with
-    ``resume_from="latest"`` also skips checkpoints of another run: :func:`resolve_checkpoint`.)
-    """
-    complete = complete_checkpoints(Path(output_dir) / CHECKPOINTS_DIR)
-    return complete[-1] if complete else None
 
 
 # ----------------------------------------------------------------------------- save

@@ -25,7 +25,9 @@ are ``lowvram.corpus``, whose names are re-exported here):
 4. each work encoded, the works joined by the ``<|endoftext|>`` id, cut into non-overlapping
    rows of ``block_size + 1`` tokens (the tail that does not fill a row is dropped);
 5. split by position: the **last** 10% of the rows (the last works in name order) are the
-   validation set, the rest train -> ``data/v{vocab}-b{block}/train_data.pt`` and ``val_data.pt``.
+   validation set, the rest train -> ``data/v{vocab}-b{block}/train_data.pt`` and ``val_data.pt``,
+   whose sha256 ``meta.json`` records next to what they were made from (``lowvram._datacache``):
+   they are reused, and loaded, only while those still match.
 
 A learner's own Day-22 files ``data/train_data.pt`` and ``data/val_data.pt`` take precedence
 over all of this; they are used as they are, after their shape, dtype and token range are checked.
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import pickle
 import re
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lowvram import _datacache  # meta.json and the checksums of the cached rows
 from lowvram._files import sha256_file  # re-exported in __all__ too
 from lowvram.config import PRESETS, ModelConfig, TrainConfig, check_positive_int, get_preset
 from lowvram.corpus import (  # the corpus and tokenizer live there; re-exported in __all__
@@ -58,7 +60,6 @@ from lowvram.corpus import (  # the corpus and tokenizer live there; re-exported
     CORPUS_PACKAGE,
     CORPUS_SHA256,
     EOT_TOKEN,
-    _atomic_write,  # _files.atomic_write, with a full or read-only disk named
     _check_vocab,
     _documents,
     _say,
@@ -183,17 +184,6 @@ def split_rows(
     return rows[:-n_val].clone(), rows[-n_val:].clone()
 
 
-def _meta_path(out_dir: Path) -> Path:
-    return out_dir / "meta.json"
-
-
-def _read_meta(out_dir: Path) -> dict | None:
-    try:
-        return json.loads(_meta_path(out_dir).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # ----------------------------------------------------------------------------- prepare / load
 
 
@@ -228,37 +218,16 @@ def prepare_data(
 
     out_dir = _default_dir(data_dir, model_config)
     files = DataFiles(out_dir / "train_data.pt", out_dir / "val_data.pt", tok_path, "shakespeare")
-    meta = {
-        "vocab_size": model_config.vocab_size,
-        "block_size": model_config.block_size,
-        "val_fraction": VAL_FRACTION,
-        "corpus_sha256": sha256_file(corpus),
-        "tokenizer_sha256": sha256_file(tok_path),
-    }
-    cached = _read_meta(out_dir)
-    if (
-        cached is not None
-        and all(cached.get(k) == v for k, v in meta.items())
-        and files.train.exists()
-        and files.val.exists()
-    ):
-        problem = _tensors_problem(files, cached)
-        if problem is None:
-            return files  # built from this very corpus and tokenizer, and unchanged since
-        _say(f"{problem}: not trusted; the rows are built again")
+    meta = _datacache.source_meta(model_config.vocab_size, model_config.block_size,
+                                  VAL_FRACTION, corpus, tok_path)
+    if _datacache.cached(files.train, files.val, meta):
+        return files  # built from this very corpus and tokenizer, and unchanged since
 
     _check_writable(out_dir, f"the rows for {out_dir.name}")
     rows, n_tokens = _encode_rows(tokenizer, corpus, model_config.block_size, progress)
     train, val = split_rows(rows)
     meta.update(corpus_tokens=n_tokens, train_rows=len(train), val_rows=len(val))
-    _meta_path(out_dir).unlink(missing_ok=True)  # meta.json is written last: it marks "complete"
-    _atomic_write(files.train, lambda tmp: torch.save(train, tmp))
-    _atomic_write(files.val, lambda tmp: torch.save(val, tmp))
-    # the tensors' checksums, recorded when they are made: load_datasets checks them
-    meta.update(train_sha256=sha256_file(files.train), val_sha256=sha256_file(files.val))
-    _atomic_write(
-        _meta_path(out_dir), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    )
+    _datacache.write_split(files.train, files.val, train, val, meta)
     return files
 
 
@@ -273,20 +242,6 @@ def _check_writable(directory: Path, what: str) -> None:
             f"in {directory}: make it writable, or prepare the data in another --data-dir "
             "(and train with the same --data-dir)"
         )
-
-
-def _tensors_problem(files: DataFiles, meta: dict) -> str | None:
-    """Why cached train/val tensors cannot be trusted (no checksum, or another one), or None."""
-    for name, path in (("train", files.train), ("val", files.val)):
-        recorded = meta.get(f"{name}_sha256")
-        if recorded is None:
-            return (f"{path} has no checksum in {_meta_path(path.parent)} (made by an older "
-                    "lowvram)")
-        actual = sha256_file(path)
-        if actual != recorded:
-            return (f"{path} has sha256 {actual[:12]}..., but {_meta_path(path.parent).name} "
-                    f"recorded {recorded[:12]}... when it was made: it changed on the disk")
-    return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -421,8 +376,7 @@ def load_datasets(
                     + (f"Run {run} to prepare it, or put your own train_data.pt and val_data.pt "
                        f"into {data_dir}/" if model_config.vocab_size >= _MIN_VOCAB else run)
                 )
-        files = DataFiles(own[0], own[1], None, "shakespeare")
-        problem = _tensors_problem(files, _read_meta(out_dir) or {})
+        problem = _datacache.split_problem(own[0], own[1], _datacache.read_meta(out_dir) or {})
         if problem:  # the prepared files are checked; the learner's own ones are theirs
             raise ValueError(f"{problem}, so it is not used. Run "
                              f"{_preset_hint(model_config)}: it checks and rebuilds the data")
@@ -534,7 +488,7 @@ def summary(files: DataFiles, model_config: ModelConfig) -> str:
         f"val:       {len(val):,} rows x {width} tokens = {val.numel():,} tokens  ({files.val})",
         f"tokenizer: {files.tokenizer if files.tokenizer is not None else '(none)'}",
     ]
-    meta = _read_meta(files.train.parent) if files.source != "own" else None
+    meta = _datacache.read_meta(files.train.parent) if files.source != "own" else None
     if meta is not None and "corpus_tokens" in meta:
         lines.insert(
             1, f"corpus:    {meta['corpus_tokens']:,} tokens (vocab {model_config.vocab_size})"

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from lowvram.checkpoints import latest_checkpoint
 from lowvram.config import ModelConfig, TrainConfig
-from lowvram.outputdir import HISTORY_FILE, write_history
+from lowvram.outputdir import HISTORY_FILE, latest_checkpoint, write_history
 from lowvram.precision import PRECISION_LABELS
 
 __all__ = [
@@ -135,7 +134,7 @@ def _recipes(model_config: ModelConfig, train_config: TrainConfig, precision: st
     """The run's own recipe (its optimizer, AdamW kernel and model options) at its precision,
     and at the precision that saves memory where it runs: fp16 on a GPU; on a CPU, where
     accelerate runs fp16 as fp32, bf16 (which a CPU does run) and fp32."""
-    from lowvram.memory import Recipe  # lazily: only after an OOM
+    from lowvram.memory.report import Recipe  # lazily: only after an OOM
 
     if on_cpu:
         precisions = [precision if precision != "fp16" else "no", "bf16"]
@@ -158,7 +157,7 @@ def planner_advice(
     """``lowvram.memory``'s plan for this run's recipe within ``card_gib``: the largest
     micro-batch that fits, at this run's precision and at one that saves memory where it runs
     (``on_cpu``: bf16, never fp16). ``limit`` names the CPU's limit. Computed only after an OOM."""
-    from lowvram.memory import plan  # lazily: only after an OOM
+    from lowvram.memory.plan import plan  # lazily: only after an OOM
 
     recipes = _recipes(model_config, train_config, precision, on_cpu)
     try:

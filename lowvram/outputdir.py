@@ -45,13 +45,16 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "HISTORY_FILE",
     "LOCK_FILE",
+    "MANIFEST_FILE",
     "MODEL_FILE",
     "OutputDirInUseError",
     "OutputDirLock",
     "check_output_dir",
     "claim_output_dir",
+    "complete_checkpoints",
     "disk_full",
     "disk_full_error",
+    "latest_checkpoint",
     "overwrite_output_dir",
     "set_aside_later_checkpoints",
     "save_model_and_history",
@@ -61,6 +64,8 @@ __all__ = [
 HISTORY_FILE = "history.json"
 MODEL_FILE = "model.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_FILE = "manifest.json"  # a checkpoint's last file: step, configs, identity, file hashes
+_COMPLETE = re.compile(r"step_\d{6,}")  # a complete checkpoint's directory name
 LOCK_FILE = ".lowvram.lock"  # in the output dir while a training writes to it
 _BYTES_PER_PARAMETER = 12  # one checkpoint: fp32 weights + AdamW's two moments
 
@@ -363,8 +368,33 @@ def claim_output_dir(accelerator, lock: OutputDirLock, *, fresh: bool, overwrite
     accelerator.wait_for_everyone()  # nobody reads the dir before it is settled
 
 
+# ----------------------------------------------------------------------------- its checkpoints
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The complete checkpoints (renamed into place, manifest present), oldest step first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [
+        p for p in checkpoints_dir.iterdir()
+        if _COMPLETE.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()
+    ]  # fmt: skip
+    return sorted(found, key=lambda p: int(p.name[len("step_"):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints``, or None.
+
+    A save that was interrupted (``step_XXXXXX.tmp``) is never returned. (``train`` with
+    ``resume_from="latest"`` also skips checkpoints of another run:
+    :func:`lowvram.checkpoints.resolve_checkpoint`.)
+    """
+    complete = complete_checkpoints(Path(output_dir) / CHECKPOINTS_DIR)
+    return complete[-1] if complete else None
+
+
 def _step_of(name: str) -> int | None:
-    return int(name[5:]) if re.fullmatch(r"step_\d{6,}", name) else None
+    return int(name[5:]) if _COMPLETE.fullmatch(name) else None
 
 
 def set_aside_later_checkpoints(checkpoints_dir: Path, resume_from: Path,
@@ -416,8 +446,6 @@ def save_model_and_history(accelerator, model, output_dir: Path, history: dict[s
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(output_dir, err):
-            from lowvram.checkpoints import latest_checkpoint  # lazily: it imports this module
-
             last = latest_checkpoint(output_dir)
             kept = (f"The last checkpoint, {last}, holds the trained weights: after freeing "
                     "space, --resume-from latest writes the model again without training" if last

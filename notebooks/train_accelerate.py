@@ -24,7 +24,6 @@ from lowvram.precision import requested_precision, resolve_precision
 def training_function(args):
     # 1. Konfiqurasiya (fix: from a preset; rtx2050 holds exactly the lesson's values)
     model_cfg, cfg = get_preset(args.preset)
-    BLOCK_SIZE = model_cfg.block_size
     BATCH_SIZE = cfg.per_device_train_batch_size  # Per-device batch size
     GRADIENT_ACCUMULATION_STEPS = args.gradient_accumulation_steps or cfg.gradient_accumulation_steps
     MAX_LR = cfg.max_lr
@@ -37,14 +36,13 @@ def training_function(args):
     precision, _ = resolve_precision(requested, device)
     accelerator = Accelerator(
         cpu=device.type == "cpu",  # fix: else launched CPU processes train alone, not together
-        mixed_precision=precision,
-        gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS,
+        mixed_precision=precision, gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS,
         # fix: the shuffle order depends on (seed, epoch) only, the same for 1 and 2 processes
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     set_seed(cfg.seed)  # fix: no seed in the lesson; after the Accelerator it also fixes the init
 
-    # 3. Məlumatın Yüklənməsi (fix: Day 22's rows, checked against BLOCK_SIZE and the vocab)
+    # 3. Məlumatın Yüklənməsi (fix: Day 22's rows, checked against block_size and the vocab)
     train_data, val_data = load_datasets(model_cfg, args.data_dir)
     val_data = val_data[: (cfg.eval_max_batches or len(val_data)) * BATCH_SIZE]  # a quick check
     train_dataset = TensorDataset(train_data)
@@ -55,33 +53,29 @@ def training_function(args):
     val_dataloader = DataLoader(val_dataset, batch_size=BATCH_SIZE, shuffle=False)
 
     # 4. Model, Optimizer və Scheduler-in Qurulması
-    model = GPTModel(vocab_size=model_cfg.vocab_size, block_size=BLOCK_SIZE,
-                     n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd)
+    model = GPTModel(model_cfg)  # fix: every size from the preset (rtx2050: the lesson's)
     optimizer = torch.optim.AdamW(model.parameters(), lr=MAX_LR)
 
     # Təlim addımlarının ümumi sayı
     # fix: in optimizer steps of ONE process (the prepared loader is split over the processes),
     # a short last window counted (accelerate steps on it), --max-steps honoured
-    batches = len(train_dataloader) // accelerator.num_processes
-    steps_per_epoch = math.ceil(batches / GRADIENT_ACCUMULATION_STEPS)
+    n = accelerator.num_processes  # fix: the prepared scheduler also ticks n times per step
+    steps_per_epoch = math.ceil(len(train_dataloader) // n / GRADIENT_ACCUMULATION_STEPS)
     total_steps = args.max_steps or NUM_EPOCHS * steps_per_epoch
     NUM_EPOCHS = math.ceil(total_steps / steps_per_epoch)
-    ticks = accelerator.num_processes  # fix: the prepared scheduler ticks this often per step
     warmup_steps = int(total_steps * cfg.warmup_ratio)  # the lesson: total_steps // 10
-    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps * ticks,
-                                                num_training_steps=total_steps * ticks)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps * n,
+                                                num_training_steps=total_steps * n)
 
     # 5. Modelin Accelerator-a Hazırlanması (fix: fp16 wraps forward in autocast; weights stay fp32)
     model, optimizer, train_dataloader, val_dataloader, scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, val_dataloader, scheduler
     )
-    effective_batch = BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS * accelerator.num_processes
-    accelerator.print(f"precision: {precision} | processes: {accelerator.num_processes} | "
-                      f"effective batch: {effective_batch} | steps: {total_steps}")
+    accelerator.print(f"precision: {precision} | processes: {n} | effective batch: "
+                      f"{BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS * n} | steps: {total_steps}")
 
     # 6. Təlim Dövrü
-    step, losses = 0, []
-    step_loss, micro = torch.zeros((), dtype=torch.float64, device=accelerator.device), 0
+    step, losses, window = 0, [], []  # window: the micro-batch losses of this optimizer step
     for epoch in range(NUM_EPOCHS):
         model.train()
         train_dataloader.set_epoch(epoch)  # fix: a new (seeded) order each epoch
@@ -106,11 +100,11 @@ def training_function(args):
                 scheduler.step()
                 optimizer.zero_grad()
 
-            step_loss, micro = step_loss + loss.detach(), micro + 1
+            window.append(loss.detach())
             if accelerator.sync_gradients:  # fix: log optimizer steps, the mean of all processes
-                step += 1
-                losses.append(accelerator.reduce(step_loss / micro, "mean").item())
-                step_loss, micro = torch.zeros_like(step_loss), 0
+                step, mean = step + 1, torch.stack(window).double().mean()
+                losses.append(accelerator.reduce(mean, "mean").item())
+                window = []
                 if step % args.log_every == 0 or step == total_steps:
                     accelerator.print(f"Epoch {epoch}, Step {step}, Loss: {losses[-1]:.4f}")
                 if step == total_steps:

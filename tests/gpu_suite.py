@@ -278,7 +278,7 @@ def part_plan(out: Path, timeout: float) -> dict[str, Any]:
         reason = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}, no JSON"
         return {"passed": False, "summary": f"{reason} (see plan_rows.log)"}
     (out / "plan_rows.json").write_text(json.dumps(rows, indent=1))
-    from lowvram._verifycli import format_plan_table
+    from lowvram.verify.cli import format_plan_table
 
     table = format_plan_table(rows)
     (out / "plan_rows.md").write_text(table + "\n")

@@ -7,6 +7,7 @@ before is in the comment, what it does now is asserted. Tiny preset, random rows
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from lowvram.data import rows_fingerprint
 from lowvram.outputdir import LOCK_FILE
 from lowvram.schedule import lr_schedule
 from lowvram.train import train
+
+PLAN_MODULE = importlib.import_module("lowvram.memory.plan")  # where failures finds plan()
 
 STEP_4 = Path("checkpoints") / "step_000004"
 
@@ -297,7 +300,7 @@ def test_cpu_oom_advice_plans_for_the_process_limit_and_the_runs_optimizer(monke
         planned.update(card=card_gib, recipes=recipes)
         return [lowvram.memory.PlanRow(r, 2, 2, 4, None) for r in recipes]
 
-    monkeypatch.setattr(lowvram.memory, "plan", fake_plan)
+    monkeypatch.setattr(PLAN_MODULE, "plan", fake_plan)
     train_config = TRAIN.replace(optimizer="adamw8bit")
     error = failures.out_of_memory_error("DefaultCPUAllocator: can't allocate memory", MODEL,
                                          train_config, "no", torch.device("cpu"), cpu_allocator=True)

@@ -32,12 +32,13 @@ def test_atomic_write_leaves_the_old_file_and_no_tmp_when_writing_fails(tmp_path
 
 
 def test_the_package_has_one_atomic_write_and_one_hash():
+    import lowvram._datacache
     import lowvram.checkpoints
     import lowvram.corpus
     import lowvram.data
 
     # the data cache names a full or read-only disk around the one atomic write
-    assert lowvram.data._atomic_write is lowvram.corpus._atomic_write
+    assert lowvram._datacache._atomic_write is lowvram.corpus._atomic_write
     assert lowvram.corpus._plain_atomic_write is atomic_write
     assert lowvram.corpus.sha256_file is lowvram.data.sha256_file is sha256_file
     assert lowvram.checkpoints.sha256_file is sha256_file

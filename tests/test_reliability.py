@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -42,6 +43,8 @@ from lowvram.train import (
     schedule_steps,
     train,
 )
+
+PLAN_MODULE = importlib.import_module("lowvram.memory.plan")  # where failures finds plan()
 
 # ----------------------------------------------------------------------------- exact resume
 
@@ -404,7 +407,7 @@ def test_out_of_memory_says_what_the_planner_suggests(tmp_path, monkeypatch):
         calls.append(args)
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(lowvram.memory, "plan", counting_plan)
+    monkeypatch.setattr(PLAN_MODULE, "plan", counting_plan)
     run(tmp_path / "fine", max_steps=1)
     assert calls == []  # the planner runs only after an OOM
 
@@ -433,7 +436,7 @@ def test_planner_advice_when_nothing_fits(monkeypatch):
     def nothing_fits(model_config, card_gib, target, recipes):
         return [PlanRow(r, 0, 0, 0, None) for r in recipes]
 
-    monkeypatch.setattr(lowvram.memory, "plan", nothing_fits)
+    monkeypatch.setattr(PLAN_MODULE, "plan", nothing_fits)
     advice = lowvram.failures.planner_advice(MODEL, TRAIN, "bf16", 4.0)
     assert "with bf16 not even a micro-batch of 1 fits: turn on gradient_checkpointing" in advice
     assert "with fp16 not even a micro-batch of 1 fits" in advice
@@ -441,7 +444,7 @@ def test_planner_advice_when_nothing_fits(monkeypatch):
     def broken(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(lowvram.memory, "plan", broken)
+    monkeypatch.setattr(PLAN_MODULE, "plan", broken)
     assert "planner failed: RuntimeError: boom" in lowvram.failures.planner_advice(MODEL, TRAIN, "no", 4.0)
 
 

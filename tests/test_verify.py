@@ -3,12 +3,17 @@ and the clear error without CUDA. The real runs are in tests/test_gpu.py (marked
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from lowvram import _verifycli, memory, verify
+from lowvram import memory, verify
 from lowvram.config import get_preset
 from lowvram.memory import Recipe
+from lowvram.verify import check, cli
+
+plan_module = importlib.import_module("lowvram.memory.plan")  # `lowvram.memory.plan` is the function
 
 MiB = 2**20
 GiB = 2**30
@@ -102,15 +107,15 @@ def _fake_result(**changes) -> dict:
 
 
 def test_format_result_prints_predicted_measured_context_and_verdict():
-    text = _verifycli.format_result(_fake_result())
+    text = cli.format_result(_fake_result())
     assert "max_memory_allocated: predicted 3,200 MiB, measured 3,232 MiB (-1.0%)" in text
     assert "max_memory_reserved: predicted 3,300 MiB, measured 3,310 MiB (-0.3%)" in text
     assert "767 MiB, measured 767 MiB before the run and 800 MiB after it" in text
     assert "allocator capped at 3,329 MiB" in text
     assert "result: fits (2 steps, losses 10.4000, 10.3000); the card needs 4,110 of 4,096 MiB" in text
     assert "more than the card" in text  # 3,310 reserved + 800 outside > 4,096
-    assert "more than the card" not in _verifycli.format_result(_fake_result(context_after_bytes=700 * MiB))
-    oom = _verifycli.format_result(_fake_result(fits=False, outcome="ran out of memory",
+    assert "more than the card" not in cli.format_result(_fake_result(context_after_bytes=700 * MiB))
+    oom = cli.format_result(_fake_result(fits=False, outcome="ran out of memory",
                                             error="CUDA out of memory. Tried to allocate 20 MiB",
                                             accumulation_modelled=False))
     assert "result: ran out of memory (CUDA out of memory. Tried to allocate 20 MiB)" in oom
@@ -127,7 +132,7 @@ def test_format_plan_table_marks_each_row():
         {"recipe": "fp16 + 8-bit", "micro_batch": 16, "gradient_accumulation_steps": 1,
          "planned_fits": True, "passed": False, "note": "failed: RuntimeError: a kernel"},
     ]
-    lines = _verifycli.format_plan_table(rows).splitlines()
+    lines = cli.format_plan_table(rows).splitlines()
     assert len(lines) == 6
     assert lines[5] == "| fp16 + 8-bit | 16 x 1 | | | | | | failed: RuntimeError: a kernel | **NO** |"
     assert lines[2].startswith("| fp16 (the lesson's choice) | 4 x 4 | 3,200 | 3,232 | -1.0% |")
@@ -163,7 +168,7 @@ def fake_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(verify, "measure_context", lambda device=None: 500 * MiB)
+    monkeypatch.setattr(check, "measure_context", lambda device=None: 500 * MiB)
     real_train = lowvram.train.train
     monkeypatch.setattr(lowvram.train, "train", lambda *a, **k: real_train(*a, **{**k, "cpu": True}))
     return fractions
@@ -227,7 +232,7 @@ def test_a_plan_rows_train_command_verifies_as_printed(monkeypatch):
         seen.update(model=recipe.apply(model_config), recipe=recipe, **kwargs)
         return 0
 
-    monkeypatch.setattr(_verifycli, "verify_cli", capture)
+    monkeypatch.setattr(cli, "verify_cli", capture)
     train_command = ("python -m lowvram.train --preset rtx2050 --per-device-train-batch-size 16 "
                      "--gradient-accumulation-steps 1 --mixed-precision fp16 --optimizer adamw8bit "
                      "--loss-chunk-size 256 --no-tie-embeddings --gradient-checkpointing")
@@ -247,7 +252,7 @@ def test_verify_plan_runs_each_fitting_row_and_keeps_going_past_a_failing_one(mo
             SimpleNamespace(recipe=Recipe("ok", "no"), micro_batch=4, accumulation=4, fits=True),
             SimpleNamespace(recipe=Recipe("breaks", "fp16"), micro_batch=8, accumulation=2, fits=True),
             SimpleNamespace(recipe=Recipe("off", "bf16"), micro_batch=16, accumulation=1, fits=True)]
-    monkeypatch.setattr(memory, "plan", lambda *a, **k: rows)
+    monkeypatch.setattr(plan_module, "plan", lambda *a, **k: rows)
     ran = []
 
     def fake_verify(model_config, train_config, **kwargs):
@@ -257,7 +262,7 @@ def test_verify_plan_runs_each_fitting_row_and_keeps_going_past_a_failing_one(mo
             raise RuntimeError("a kernel failed")
         return {"fits": True, "allocated_error": -0.01 if train_config.mixed_precision == "no" else 0.05}
 
-    monkeypatch.setattr(verify, "verify_training", fake_verify)
+    monkeypatch.setattr(check, "verify_training", fake_verify)
     results = verify.verify_plan(model, train, context_bytes=270 * MiB)
     assert ran == [("no", 4, 4, 270 * MiB), ("fp16", 8, 2, 270 * MiB), ("bf16", 16, 1, 270 * MiB)]
     assert [r["passed"] for r in results] == [None, True, False, False]

@@ -18,9 +18,23 @@ from lowvram._bench.report import check_readme, format_table, readme_section, wr
 from lowvram._bench.suite import default_plan, run_all, tiny_plan
 
 __all__ = ["main"]
+_GPU_COMMAND = "python -m lowvram._bench --gpu --write-readme"  # what the README's GPU section names
 
 # recorded in the README's command: the thread counts torch starts with, and the Makefile's NB_ENV
 _RECORDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _print_results(table: str, results: dict, as_json: bool) -> None:
+    """The table on stdout; with --json, the JSON there and the table on stderr."""
+    if as_json:
+        print(table, file=sys.stderr)
+        print(json.dumps(results, indent=1))
+    else:
+        print(table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,17 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads={args.threads} is not allowed: use an integer >= 1")
         plan = dataclasses.replace(plan, threads=(args.threads,))
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    results = run_all(plan, notebooks=not args.quick, log=log)
-    table = format_table(results)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(results, indent=1))
-    else:
-        print(table)
+    results = run_all(plan, notebooks=not args.quick, log=_log)
+    _print_results(format_table(results), results, args.json)
     if args.write_readme:
         flags = [f"--{name.replace('_', '-')}" for name in ("json", "write_readme", "quick", "tiny")
                  if getattr(args, name)]
@@ -88,14 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = [f"{k}={os.environ[k]}" for k in _RECORDED_ENV if k in os.environ]
         command = " ".join([*env, "python -m lowvram._bench", *flags])
         write_readme(readme_section(results, command), args.readme)
-        log(f"wrote the Performance section of {args.readme}")
+        _log(f"wrote the Performance section of {args.readme}")
     if torch.cuda.is_available() and not (args.tiny or args.json):  # `make bench` runs --gpu
         return _gpu_main(args)
     return 0
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _gpu_main(args: argparse.Namespace) -> int:
@@ -125,8 +126,8 @@ def _gpu_main(args: argparse.Namespace) -> int:
             return 2
         print(table)
         if args.write_readme:
-            write_readme(gpu_readme_section(results, "python -m lowvram._bench --gpu --write-readme"),
-                         args.readme, GPU_README_START, GPU_README_END)
+            write_readme(gpu_readme_section(results, _GPU_COMMAND), args.readme, GPU_README_START,
+                         GPU_README_END)
             _log(f"wrote the GPU section of {args.readme} from {args.gpu_results}")
         return 0
     if not torch.cuda.is_available():
@@ -140,14 +141,9 @@ def _gpu_main(args: argparse.Namespace) -> int:
         return 0
     _log("GPU bench: train() against the plain PyTorch loop")
     results = run_gpu(log=_log)
-    table = format_gpu_table(results)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(results, indent=1))
-    else:
-        print(table)
+    _print_results(format_gpu_table(results), results, args.json)
     if args.write_readme:
-        write_readme(gpu_readme_section(results, "python -m lowvram._bench --gpu --write-readme"),
-                     args.readme, GPU_README_START, GPU_README_END)
+        write_readme(gpu_readme_section(results, _GPU_COMMAND), args.readme, GPU_README_START,
+                     GPU_README_END)
         _log(f"wrote the GPU section of {args.readme}")
     return 0

@@ -86,8 +86,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         gradient_checkpointing=args.gradient_checkpointing or None,
         loss_chunk_size=chunk,
     )
-    if args.verify_gpu:  # the real train() under a card-sized cap (lowvram/verify.py)
-        from lowvram.verify import verify_cli
+    if args.verify_gpu:  # the real train() under a card-sized cap (lowvram/verify/)
+        from lowvram.verify.cli import verify_cli
 
         return verify_cli(model_cfg, train_cfg, recipe, micro_batch=micro, card_gib=args.card_gib,
                           gradient_accumulation_steps=accumulation, as_json=args.json)

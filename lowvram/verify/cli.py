@@ -2,7 +2,8 @@
 --help``): one result as ``--verify-gpu`` prints it, the plan rows as a table, ``verify_cli``
 (the memory CLI's ``--verify-gpu``) and ``main``.
 
-Private: ``lowvram.verify.verify_cli`` and ``lowvram.verify.main`` are the entry points.
+The top of the package: it imports :mod:`lowvram.verify.check` and the memory planner's
+``report`` submodule; ``lowvram.memory.cli`` imports it, nothing here imports that.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from lowvram.config import OPTIMIZERS, PRECISIONS, ModelConfig, TrainConfig, get_preset
-from lowvram.verify import (
+from lowvram.verify.check import (
     PLAN_TOLERANCE,
     MiB,
     _adamw_impl,
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="verify every row of the plan for an effective batch of 16 that fits")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
     args = p.parse_args(argv)
-    from lowvram.memory import Recipe
+    from lowvram.memory.report import Recipe
 
     try:
         model_cfg, train_cfg = get_preset(args.preset)

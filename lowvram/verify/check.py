@@ -1,38 +1,9 @@
-"""Hold the memory planner's prediction against the real ``train()`` on a CUDA GPU, under a cap
-that makes a large GPU behave like a small card.
+"""The check itself: the real ``train()`` on CUDA under a card-sized allocator cap, its peaks
+next to the planner's prediction (:func:`verify_training`), and each fitting plan row so
+(:func:`verify_plan`). The package's docstring (``lowvram.verify``) says how to use it.
 
-From a shell (the memory CLI's ``--verify-gpu`` runs the same check)::
-
-    python -m lowvram.verify --preset rtx2050                      # the preset's fp16 4 x 4
-    python -m lowvram.verify --preset rtx2050 --per-device-train-batch-size 16 \\
-        --gradient-accumulation-steps 1 --loss-chunk-size 256 --optimizer adamw8bit
-    python -m lowvram.verify --preset rtx2050 --plan               # every plan row that fits
-    python -m lowvram.memory --preset rtx2050 --verify-gpu --micro-batch 8 --gradient-accumulation-steps 2
-
-From Python::
-
-    from lowvram.config import get_preset
-    from lowvram.verify import verify_training
-    model_cfg, train_cfg = get_preset("rtx2050")
-    result = verify_training(model_cfg, train_cfg, card_gib=4.0)
-    print(result["outcome"], result["measured_allocated_bytes"], result["predicted_allocated_bytes"])
-
-What it does:
-
-1. Measures what the card holds outside PyTorch's caching allocator (the CUDA context, the
-   library handles, and anything else on the GPU, such as the display): ``torch.cuda.mem_get_info``
-   once CUDA and cuBLAS are initialised, minus ``torch.cuda.memory_reserved``. It depends on the
-   card, the driver and the display (270 MiB in PyTorch's notes, 767 MiB measured on an H200), so
-   it is measured, not assumed.
-2. Caps the caching allocator like the card: ``torch.cuda.set_per_process_memory_fraction((card -
-   context) / total)`` (:func:`cap_fraction`). On the learner's own card the cap is the card
-   itself; on a large GPU it emulates a small one.
-3. Runs the real :func:`lowvram.train.train` (accelerate, the precision with its GradScaler, the
-   accumulation, the optimizer and the model options of the configs) for ``steps`` optimizer
-   steps on random token rows, and reads ``torch.cuda.max_memory_allocated`` and
-   ``max_memory_reserved``.
-4. Asks :func:`lowvram.memory.measure_step` for its prediction of the same step, and returns both,
-   with "fits" or "ran out of memory". The cap is always lifted afterwards.
+Imports run one way: this module imports the memory planner's submodules (``report``,
+``measure``, ``plan``), never ``lowvram.verify.cli`` nor ``lowvram.memory.cli``, which import it.
 """
 
 from __future__ import annotations
@@ -43,7 +14,6 @@ import io
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,9 +25,7 @@ __all__ = [
     "bitsandbytes_problem",
     "cap_fraction",
     "configs_for",
-    "main",
     "measure_context",
-    "verify_cli",
     "verify_plan",
     "verify_training",
 ]
@@ -151,11 +119,12 @@ def _predict(model_config: ModelConfig, train_config: TrainConfig, precision: st
              capability: tuple[int, int]) -> tuple[Any, bool]:
     """``measure_step``'s report for this run's optimizer step (its accumulation included), and
     True: the accumulation is modelled (the key stays in the result for older readers)."""
-    from lowvram import memory
+    from lowvram.memory.measure import measure_step
+    from lowvram.memory.report import Recipe
 
-    recipe = memory.Recipe("verify", precision=precision, optimizer=train_config.optimizer,
+    recipe = Recipe("verify", precision=precision, optimizer=train_config.optimizer,
                            adamw_impl=_adamw_impl(train_config))
-    report = memory.measure_step(
+    report = measure_step(
         model_config, train_config.per_device_train_batch_size, recipe, target="cuda",
         max_grad_norm=train_config.max_grad_norm, cuda_capability=capability,
         gradient_accumulation_steps=train_config.gradient_accumulation_steps,
@@ -339,10 +308,10 @@ def verify_plan(model_config: ModelConfig, train_config: TrainConfig, *, card_gi
     within ``tolerance`` of the prediction) and ``note`` (why not, or why it was skipped:
     bitsandbytes missing, an AdamW kernel TrainConfig cannot say yet).
     """
-    from lowvram import memory
+    from lowvram.memory.plan import plan
 
     results = []
-    for row in memory.plan(model_config, card_gib, target_effective_batch):
+    for row in plan(model_config, card_gib, target_effective_batch):
         accumulation = getattr(row, "gradient_accumulation_steps", None) or row.accumulation
         head = {"recipe": row.recipe.name, "micro_batch": row.micro_batch,
                 "gradient_accumulation_steps": accumulation, "planned_fits": row.fits}
@@ -377,27 +346,3 @@ def verify_plan(model_config: ModelConfig, train_config: TrainConfig, *, card_gi
             note = ""
         results.append({**head, **result, "passed": passed, "note": note})
     return results
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def verify_cli(*args: Any, **kwargs: Any) -> int:
-    """What ``python -m lowvram.memory --verify-gpu`` runs: verify a recipe at a micro-batch and
-    accumulation and print the result; the exit status (0 fits, 1 out of memory, 2 no CUDA).
-    The printing is in ``lowvram._verifycli`` (:func:`lowvram._verifycli.verify_cli`)."""
-    from lowvram._verifycli import verify_cli as run
-
-    return run(*args, **kwargs)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lowvram.verify --preset NAME [train options] [--card-gib G] [--plan]``
-    (``lowvram._verifycli.main``; ``--help`` lists the options)."""
-    from lowvram._verifycli import main as run
-
-    return run(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
