@@ -576,11 +576,13 @@ def test_cpu_demo_learns(tmp_path):
         train_data, val_data = load_datasets(model, REPO / "data")
     except FileNotFoundError as err:
         pytest.skip(f"the cpu-demo data is not prepared (`make data`): {err}")
-    history = train(model, tc.replace(output_dir=str(tmp_path / "demo")), train_data=train_data,
-                    val_data=val_data, progress=False)
+    # 50 of the preset's 200 steps (a quarter of the time; 25_3b's strictly checked outputs cover
+    # the whole run: 7.66 -> 5.37)
+    history = train(model, tc.replace(output_dir=str(tmp_path / "demo"), max_steps=50),
+                    train_data=train_data, val_data=val_data, progress=False)
     ln_v = math.log(model.vocab_size)  # 7.62: a uniform guess over 2048 tokens
     assert history["val"][0]["loss"] == pytest.approx(ln_v, abs=0.1)
-    assert history["final_val_loss"] < ln_v - 2.0  # measured: 7.66 -> 5.37
+    assert history["final_val_loss"] < ln_v - 1.5  # measured: 7.66 -> 5.99
 
 
 def test_train_uses_the_configs_optimizer_and_8bit_adamw_learns_like_adamw(tmp_path,
