@@ -76,7 +76,7 @@ lint: install
 # under each emulated CPU; and once as JupyterLab runs them (fd output captured). Much of a
 # notebook pass is one core waiting (kernel starts, imports, launched processes), so 2 cores
 # finish these parts sooner together than one after the other.
-TEST_JOBS ?= 4
+TEST_JOBS ?= 2
 test: install data lint
 	@echo "== $(TEST_JOBS) at a time: unit tests + strict nbval (this CPU), strict nbval on two emulated CPUs, the notebooks as JupyterLab runs them"
 	@$(MAKE) --no-print-directory -j$(TEST_JOBS) --output-sync=target \
