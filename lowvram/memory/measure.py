@@ -56,8 +56,9 @@ def measure_step(
     **options: Any,
 ) -> MemoryReport:
     """Measure a steady optimizer step of ``train()`` on ``GPTModel(model_config)`` (no GPU
-    needed; about a second for the 134M-parameter lesson model, since fake tensors do no
-    arithmetic).
+    needed; a few seconds for the 134M-parameter lesson model, since fake tensors do no
+    arithmetic; milliseconds once the same step was recorded at :data:`BASE_MICRO_BATCHES`,
+    e.g. by :func:`~lowvram.memory.plan`, which it then replays: the same bytes).
 
     Args:
         model_config: the model's shape; each sequence has ``block_size`` tokens.
