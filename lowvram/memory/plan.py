@@ -168,12 +168,16 @@ class _Search:
     def _accumulation(self, micro: int) -> int:
         return max(1, self.target // micro) if micro <= self.target else 1
 
-    def report(self, micro: int, accumulation: int | None = None) -> MemoryReport:
+    def report(self, micro: int, accumulation: int | None = None, *,
+               linear: bool = True) -> MemoryReport:
+        """The step's report (exact either way): replayed from the regime's two recorded
+        micro-batches (``linear``: worth it where the search needs several), or its own."""
         accumulation = self._accumulation(micro) if accumulation is None else accumulation
         key = (micro, min(accumulation, 2))
         if key not in self.measured:
-            self.measured[key] = measure_step_linear(self.model_config, micro, self.recipe,
-                                                     gradient_accumulation_steps=accumulation)
+            measure = measure_step_linear if linear else measure_step
+            self.measured[key] = measure(self.model_config, micro, self.recipe,
+                                         gradient_accumulation_steps=accumulation)
         return self.measured[key]
 
     def margin(self, report: MemoryReport) -> int:
@@ -211,7 +215,8 @@ class _Search:
     def largest_divisor(self) -> tuple[int, MemoryReport | None]:
         target = self.target
         divisors = [d for d in range(1, target + 1) if target % d == 0]
-        if self.fits(target, 1):  # the only accumulation-1 candidate: the answer on a roomy card
+        # the only accumulation-1 candidate (the answer on a roomy card): one step, measured
+        if self.margin(self.report(target, 1, linear=False)) >= 0:
             return target, self.report(target, 1)
         below = divisors[:-1]
         if not below:
