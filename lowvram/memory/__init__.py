@@ -110,7 +110,7 @@ from lowvram.memory.report import (
     usable_bytes,
 )
 from lowvram.memory.show import ablation_table, format_report, plan_table, plot_budget
-from lowvram.memory.tracker import measure_fake as _measure_cached  # the memo `make bench` clears
+from lowvram.memory.tracker import record_fake as _measure_cached  # the memo `make bench` clears
 
 __all__ = [
     "ACTIVATION_PARTS",

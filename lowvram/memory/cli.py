@@ -91,10 +91,11 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return verify_cli(model_cfg, train_cfg, recipe, micro_batch=micro, card_gib=args.card_gib,
                           gradient_accumulation_steps=accumulation, as_json=args.json)
+    target_batch = train_cfg.effective_batch_size
+    # the plan first: its recorded steps then give this step by a replay (milliseconds)
+    rows = plan(model_cfg, args.card_gib, target_batch, largest=True) if args.plan else []
     report = measure_step(model_cfg, micro, recipe, gradient_accumulation_steps=accumulation,
                           target=args.target)
-    target_batch = train_cfg.effective_batch_size
-    rows = plan(model_cfg, args.card_gib, target_batch, largest=True) if args.plan else []
     steps = (ablation(model_cfg, micro, args.card_gib, gradient_accumulation_steps=accumulation)
              if args.ablation else [])  # fmt: skip
     if args.json:

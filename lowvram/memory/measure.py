@@ -17,9 +17,9 @@ from lowvram.memory.report import (
     check_choice,
     check_micro_batch,
 )
-from lowvram.memory.tracker import measure_fake
+from lowvram.memory.tracker import BASE_MICRO_BATCHES, measure_fake
 
-__all__ = ["check_accumulation", "measure_step", "recipe_of"]
+__all__ = ["BASE_MICRO_BATCHES", "check_accumulation", "measure_step", "measure_step_linear", "recipe_of"]
 
 
 def recipe_of(recipe: Recipe | str | None, options: dict[str, Any]) -> Recipe:
@@ -56,8 +56,9 @@ def measure_step(
     **options: Any,
 ) -> MemoryReport:
     """Measure a steady optimizer step of ``train()`` on ``GPTModel(model_config)`` (no GPU
-    needed; about a second for the 134M-parameter lesson model, since fake tensors do no
-    arithmetic).
+    needed; a few seconds for the 134M-parameter lesson model, since fake tensors do no
+    arithmetic; milliseconds once the same step was recorded at :data:`BASE_MICRO_BATCHES`,
+    e.g. by :func:`~lowvram.memory.plan`, which it then replays: the same bytes).
 
     Args:
         model_config: the model's shape; each sequence has ``block_size`` tokens.
@@ -73,6 +74,43 @@ def measure_step(
         **options: :class:`Recipe` fields that override ``recipe``'s, e.g. ``precision="fp16"``.
     """
     recipe = recipe_of(recipe, options)
+    args = _recording_args(model_config, micro_batch, recipe, gradient_accumulation_steps, target,
+                           max_grad_norm, cuda_capability)
+    report = measure_fake(*args)
+    return dataclasses.replace(report, recipe=recipe,
+                               gradient_accumulation_steps=gradient_accumulation_steps)
+
+
+def measure_step_linear(
+    model_config: ModelConfig,
+    micro_batch: int,
+    recipe: Recipe | str | None = None,
+    *,
+    gradient_accumulation_steps: int = 1,
+    target: str = "cuda",
+    max_grad_norm: float | None = 1.0,
+    cuda_capability: tuple[int, int] = RTX2050_CAPABILITY,
+    **options: Any,
+) -> MemoryReport:
+    """:func:`measure_step`'s report, the same to the byte, computed from two recorded steps at
+    :data:`BASE_MICRO_BATCHES` (every allocation's bytes are linear in the micro-batch, the ops
+    the same): after those two, any micro-batch costs a replay (milliseconds) instead of a
+    fake-tensor step (seconds). Where that is not exact (a chunked loss, a micro-batch below
+    the bases) it measures the step itself. What :func:`lowvram.memory.plan` searches with;
+    ``tests/test_memory_golden.py`` holds it against measured steps."""
+    recipe = recipe_of(recipe, options)
+    args = _recording_args(model_config, micro_batch, recipe, gradient_accumulation_steps, target,
+                           max_grad_norm, cuda_capability)
+    report = measure_fake(*args, linear=True)
+    return dataclasses.replace(report, recipe=recipe,
+                               gradient_accumulation_steps=gradient_accumulation_steps)
+
+
+def _recording_args(
+    model_config: ModelConfig, micro_batch: int, recipe: Recipe, gradient_accumulation_steps: int,
+    target: str, max_grad_norm: float | None, cuda_capability: tuple[int, int],
+) -> tuple[Any, ...]:
+    """Check the options; the arguments of ``record_fake`` for them."""
     check_micro_batch(micro_batch)
     check_accumulation(gradient_accumulation_steps)
     check_choice("target", target, TARGETS)
@@ -81,7 +119,6 @@ def measure_step(
         "", recipe.precision, recipe.optimizer, recipe.adamw_impl, cfg.tie_embeddings,
         cfg.gradient_checkpointing, cfg.loss_chunk_size, recipe.keep_logits,
     )  # one memo entry per measured step, whatever the recipe is called
-    report = measure_fake(cfg, micro_batch, key, target, max_grad_norm, tuple(cuda_capability),
-                          min(gradient_accumulation_steps, 2))
-    return dataclasses.replace(report, recipe=recipe,
-                               gradient_accumulation_steps=gradient_accumulation_steps)
+    # any accumulation >= 2 has the same peak: the 2nd micro-batch's state repeats
+    return (cfg, micro_batch, key, target, max_grad_norm, tuple(cuda_capability),
+            min(gradient_accumulation_steps, 2))

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lowvram.config import ModelConfig, get_preset
-from lowvram.memory.measure import check_accumulation, measure_step
+from lowvram.memory.measure import check_accumulation, measure_step, measure_step_linear
 from lowvram.memory.report import (
     MAX_MICRO_BATCH,
     MemoryReport,
@@ -121,9 +121,11 @@ def plan(
     >= 2 below the target, 1 from it on), up to ``LARGEST_SEARCH_FACTOR`` (8) times the target.
     ``free_bytes``: plan for what ``torch.cuda.mem_get_info()`` says is free.
 
-    Fast: within one recipe memory grows linearly with the micro-batch (at a fixed accumulation
-    regime) and with the layers, so a few measurements of 1- and 2-layer models predict every
-    candidate; the predicted answer and the next one up are then measured (:class:`_Search`).
+    Fast: within one recipe every allocation's bytes are linear in the micro-batch (at a fixed
+    accumulation regime), so two recorded steps give every candidate's report exactly
+    (:func:`~lowvram.memory.measure.measure_step_linear`); a line through two of them predicts
+    the answer, and the answer and the next one up are checked (:class:`_Search`). With a
+    chunked loss (ops that grow with the micro-batch) those checks are measured steps.
     """
     check_card(card_gib)
     ok = isinstance(target_effective_batch, int) and not isinstance(target_effective_batch, bool)
@@ -166,12 +168,16 @@ class _Search:
     def _accumulation(self, micro: int) -> int:
         return max(1, self.target // micro) if micro <= self.target else 1
 
-    def report(self, micro: int, accumulation: int | None = None) -> MemoryReport:
+    def report(self, micro: int, accumulation: int | None = None, *,
+               linear: bool = True) -> MemoryReport:
+        """The step's report (exact either way): replayed from the regime's two recorded
+        micro-batches (``linear``: worth it where the search needs several), or its own."""
         accumulation = self._accumulation(micro) if accumulation is None else accumulation
         key = (micro, min(accumulation, 2))
         if key not in self.measured:
-            self.measured[key] = measure_step(self.model_config, micro, self.recipe,
-                                              gradient_accumulation_steps=accumulation)
+            measure = measure_step_linear if linear else measure_step
+            self.measured[key] = measure(self.model_config, micro, self.recipe,
+                                         gradient_accumulation_steps=accumulation)
         return self.measured[key]
 
     def margin(self, report: MemoryReport) -> int:
@@ -184,20 +190,11 @@ class _Search:
 
     def _line(self, regime: int, points: tuple[int, int]) -> Callable[[int], float]:
         """Predicted margin(m) in a regime (1, or 2 for accumulation >= 2): linear through two
-        micro-batches. For a model of 4 layers or more each point is itself extrapolated from
-        the same step with 1 and 2 layers (memory is linear in the layers too: each block keeps
-        the same), which costs a fraction of one full measurement."""
-        layers = self.model_config.n_layer
-        ys = []
-        for m in points:
-            if layers >= 4:
-                y1, y2 = (self.margin(measure_step(
-                    dataclasses.replace(self.model_config, n_layer=n), m, self.recipe,
-                    gradient_accumulation_steps=regime)) for n in (1, 2))
-                ys.append(y1 + (layers - 1) * (y2 - y1))
-            else:
-                ys.append(self.margin(self.report(m, regime)))
-        (m1, m2), (y1, y2) = points, ys
+        micro-batches of the full model. Without a chunked loss both are exact replays
+        (:func:`measure_step_linear`), so the prediction costs nothing; with one, the points
+        are chosen among those the search measures anyway, or small (few chunks: cheap)."""
+        (m1, m2) = points
+        y1, y2 = (self.margin(self.report(m, regime)) for m in points)
         slope = (y2 - y1) / (m2 - m1) if m2 != m1 else 0.0
         return lambda m: y1 + slope * (m - m1)
 
@@ -218,12 +215,13 @@ class _Search:
     def largest_divisor(self) -> tuple[int, MemoryReport | None]:
         target = self.target
         divisors = [d for d in range(1, target + 1) if target % d == 0]
-        if self.fits(target, 1):  # the only accumulation-1 candidate: the answer on a roomy card
+        # the only accumulation-1 candidate (the answer on a roomy card): one step, measured
+        if self.margin(self.report(target, 1, linear=False)) >= 0:
             return target, self.report(target, 1)
         below = divisors[:-1]
         if not below:
             return 0, None
-        line = self._line(2, (1, max(2, below[-1])))
+        line = self._line(2, (min(2, below[-1]), below[-1]))
         micro = self._confirm(below, line, self._accumulation)
         return (micro, self.report(micro)) if micro else (0, None)
 
@@ -232,13 +230,13 @@ class _Search:
         1 from it on)."""
         target = self.target
         if self.fits(target, 1):
-            line = self._line(1, (target, 2 * target))
+            line = self._line(1, (2, target) if target > 2 else (target, 2 * target))
             candidates = list(range(target, cap + 1))
             return self._confirm(candidates, line, lambda m: 1)
         if target == 1:
             return 0
         below = list(range(1, target))
-        line = self._line(2, (1, max(2, target // 2)))
+        line = self._line(2, (min(2, target // 2), max(2, target // 2)))
         return self._confirm(below, line, lambda m: 2)
 
 

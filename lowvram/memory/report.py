@@ -214,33 +214,14 @@ class MemoryReport:
     reserved_bytes: int  # target "cuda": simulated torch.cuda.max_memory_reserved()
     overheads: Mapping[str, int] = field(repr=False)  # outside max_memory_allocated
 
-    @property
-    def precision(self) -> str:
-        return self.recipe.precision
-
-    @property
-    def optimizer(self) -> str:
-        return self.recipe.optimizer
-
-    @property
-    def adamw_impl(self) -> str:
-        return self.recipe.adamw_impl
-
-    @property
-    def keep_logits(self) -> bool:
-        return self.recipe.keep_logits
-
-    @property
-    def tie_embeddings(self) -> bool:
-        return self.model_config.tie_embeddings
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.model_config.gradient_checkpointing
-
-    @property
-    def loss_chunk_size(self) -> int:
-        return self.model_config.loss_chunk_size
+    # the recipe's options and the model's, read through (read-only properties, not fields)
+    precision = property(lambda self: self.recipe.precision)
+    optimizer = property(lambda self: self.recipe.optimizer)
+    adamw_impl = property(lambda self: self.recipe.adamw_impl)
+    keep_logits = property(lambda self: self.recipe.keep_logits)
+    tie_embeddings = property(lambda self: self.model_config.tie_embeddings)
+    gradient_checkpointing = property(lambda self: self.model_config.gradient_checkpointing)
+    loss_chunk_size = property(lambda self: self.model_config.loss_chunk_size)
 
     tie = tie_embeddings  # the old spellings, read-only
     checkpointing = gradient_checkpointing

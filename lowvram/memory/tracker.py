@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
@@ -36,7 +37,11 @@ from lowvram.memory.report import (
 )
 from lowvram.model import GPTModel, chunked_cross_entropy
 
-__all__ = ["StorageTracker", "measure_fake", "run_steps", "make_optimizer"]
+__all__ = [
+    "Recording", "StorageTracker", "at_micro_batch", "make_optimizer", "measure_fake",
+    "record_fake", "replay", "run_steps", "sizes_at", "with_workspace", "workspace_bytes",
+    "BASE_MICRO_BATCHES", "RECORDED_CAPABILITY",
+]
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "matmul"}
@@ -81,12 +86,19 @@ class StorageTracker(TorchDispatchMode):
         self.peak_op = ""
         self.phase_peaks: dict[str, int] = {}
         self.reserved_peak = 0
+        # what happened, in order, for replaying it with other sizes (:class:`Recording`):
+        # ("a", serial, op, region) allocations (their nbytes in `sizes`), ("f", serial) frees,
+        # ("p", tag) phase marks, ("w",) the window's opening
+        self.events: list[tuple[Any, ...]] = []
+        self.sizes: list[int] = []
 
     # allocation bookkeeping
     def _alloc(self, nbytes: int, op: str) -> int:
         self.serial += 1
         serial = self.serial
         charged = self.allocator.malloc(serial, nbytes) if self.allocator else nbytes
+        self.events.append(("a", serial, op, self.region))
+        self.sizes.append(nbytes)
         self.current += charged
         self.log.append((serial, charged))
         self.origin[serial] = self.phase
@@ -106,6 +118,7 @@ class StorageTracker(TorchDispatchMode):
     def _free(self, serial: int, charged: int) -> None:
         self.current -= charged
         self.log.append((serial, 0))
+        self.events.append(("f", serial))
         if self.allocator is not None:
             self.allocator.free(serial)
 
@@ -140,6 +153,7 @@ class StorageTracker(TorchDispatchMode):
         """Name the phase (``"forward:1"``); its peak starts at what is live now."""
         self.phase = tag
         self.region = "other"
+        self.events.append(("p", tag))
         if self.window_open:
             name = tag.split(":")[0]
             self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.current)
@@ -156,6 +170,7 @@ class StorageTracker(TorchDispatchMode):
     def open_window(self) -> None:
         """Start measuring: the peak of the step starts at what is live now."""
         self.window_open = True
+        self.events.append(("w",))
         self.peak = self.current
         self.peak_index = len(self.log) - 1
         self.peak_phase, self.peak_op = "forward", "(start of step)"
@@ -375,8 +390,38 @@ def _mark_regions(model: GPTModel, tracker: StorageTracker) -> None:
     model.ln_f.register_forward_pre_hook(enter("head_and_loss"))
 
 
+@dataclass(frozen=True, eq=False)
+class Recording:
+    """One fake-tensor run of the step (:func:`record_fake`): every allocation, free and phase
+    mark in order (``events``), each allocation's bytes (``sizes``), and which serials are the
+    parameters, the gradients, the optimizer state, the cuBLAS workspaces and the activations
+    the last forward kept. :func:`replay` turns it into the :class:`MemoryReport`; with other
+    ``sizes`` (:func:`at_micro_batch`) into the report of another micro-batch."""
+
+    cfg: ModelConfig
+    micro_batch: int
+    recipe: Recipe
+    target: str
+    accumulation: int
+    num_parameters: int
+    events: tuple[tuple[Any, ...], ...]
+    sizes: tuple[int, ...]
+    params: frozenset[int]
+    grads: frozenset[int]
+    state: frozenset[int]
+    workspaces: frozenset[int]
+    activations: frozenset[int]
+
+    def same_structure(self, other: Recording) -> bool:
+        """The same ops, frees, phases and classes in the same order (only sizes may differ)."""
+        return (self.events == other.events and self.params == other.params
+                and self.grads == other.grads and self.state == other.state
+                and self.workspaces == other.workspaces and self.activations == other.activations
+                and self.num_parameters == other.num_parameters)  # fmt: skip
+
+
 @lru_cache(maxsize=256)
-def measure_fake(
+def record_fake(
     cfg: ModelConfig,
     micro_batch: int,
     recipe: Recipe,
@@ -385,16 +430,19 @@ def measure_fake(
     cuda_capability: tuple[int, int],
     accumulation: int = 1,
     shortcut: bool = True,
-) -> MemoryReport:
+) -> Recording:
     """Two optimizer steps of ``GPTModel(cfg)`` on fake tensors, ``accumulation`` micro-batches
-    each; the report of the 2nd (memoised). Its peak is the same for any accumulation >= 2
-    (the 3rd micro-batch repeats the 2nd's state), so callers pass ``min(accumulation, 2)``."""
+    each, recorded (memoised: the expensive part, about a second per 100M parameters). The 2nd
+    step is the measured one. Its peak is the same for any accumulation >= 2 (the 3rd
+    micro-batch repeats the 2nd's state), so callers pass ``min(accumulation, 2)``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    _recorded.add((cfg, micro_batch, recipe, target, max_grad_norm, cuda_capability, accumulation,
+                   shortcut))
     cuda = target == "cuda"
     workspace = 0
     if cuda:
-        workspace = CUBLAS_WORKSPACE_HOPPER if cuda_capability[0] == 9 else CUBLAS_WORKSPACE_BYTES
+        workspace = workspace_bytes(cuda_capability)
     tracker = StorageTracker(CachingAllocatorSim() if cuda else None, workspace, host_constants=cuda)
     seen: dict[str, Any] = {}
 
@@ -404,11 +452,10 @@ def measure_fake(
         if step == 1 and phase == "forward" and not tracker.window_open:
             tracker.open_window()  # the step's peak starts here: once, at its first micro-batch
         if (step, phase, micro) == (1, "backward", last):  # end of the step's last forward
-            detail = dict.fromkeys(ACTIVATION_PARTS, 0)
-            for serial, charged, _ in tracker.live.values():
-                if tracker.origin.get(serial) == f"forward:1:{last}":
-                    detail[tracker.regions[serial]] += charged
-            seen["activations"] = detail
+            seen["activations"] = frozenset(
+                serial for serial, _, _ in tracker.live.values()
+                if tracker.origin.get(serial) == f"forward:1:{last}"
+            )  # fmt: skip
         if step == 1 and phase == "optimizer":  # gradients complete, not yet freed
             seen["grads"] = tracker.tracked(p.grad for p in model.parameters() if p.grad is not None)
         if step == 2:
@@ -435,45 +482,234 @@ def measure_fake(
                 accumulation=accumulation, shortcut=shortcut,
             )
 
+    workspaces = frozenset(s for s in (tracker.workspace_serial, tracker.backward_workspace_serial)
+                           if s is not None)  # fmt: skip
+    recording = Recording(
+        cfg, micro_batch, recipe, target, accumulation,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        events=_in_order(tracker.events), sizes=tuple(tracker.sizes),
+        params=frozenset(params), grads=frozenset(seen["grads"]), state=frozenset(seen["state"]),
+        workspaces=workspaces, activations=seen["activations"],
+    )
+    report = replay(recording)
+    # the replay is the tracker's own bookkeeping done again: they must agree
+    assert (report.peak_bytes, report.reserved_bytes if cuda else report.peak_bytes) == (
+        tracker.peak, tracker.reserved_peak if cuda else tracker.peak)
+    return recording
+
+
+def _in_order(events: list[tuple[Any, ...]]) -> tuple[tuple[Any, ...], ...]:
+    """``events`` with each run of consecutive frees sorted by serial. Weakref finalizers fire
+    in an order that varies from run to run (the garbage collector's timing), but nothing
+    observes the state between two frees: the peak moves only on an allocation, and the
+    simulated allocator's free blocks after a run of frees are the same in any order (neighbours
+    merge either way). Sorted, two runs of the same step have the same events."""
+    out: list[tuple[Any, ...]] = []
+    run: list[tuple[Any, ...]] = []
+    for event in events:
+        if event[0] == "f":
+            run.append(event)
+            continue
+        out += sorted(run)
+        run.clear()
+        out.append(event)
+    return tuple(out + sorted(run))
+
+
+def replay(recording: Recording, sizes: tuple[int, ...] | None = None,
+           micro_batch: int | None = None) -> MemoryReport:
+    """The report of a recorded step, its allocations charged ``sizes`` bytes (default: the
+    recorded ones) through a fresh allocator simulation (CUDA) or as they are (CPU). The same
+    bookkeeping as :class:`StorageTracker`, done afterwards: tens of milliseconds."""
+    cuda = recording.target == "cuda"
+    sizes = recording.sizes if sizes is None else sizes
+    allocator = CachingAllocatorSim() if cuda else None
+    events = recording.events
+    charged: dict[int, int] = {}
+    origin: dict[int, str] = {}
+    regions: dict[int, str] = {}
+    current = peak = reserved_peak = 0
+    peak_index, peak_phase, peak_op = -1, "", ""
+    phase, name, window = "setup", "setup", False
+    phase_peaks: dict[str, int] = {}
+    k = 0
+    for i, event in enumerate(events):
+        kind = event[0]
+        if kind == "a":
+            serial = event[1]
+            nbytes = sizes[k]
+            k += 1
+            c = allocator.malloc(serial, nbytes) if allocator is not None else nbytes
+            charged[serial] = c
+            origin[serial] = phase
+            regions[serial] = event[3]
+            current += c
+            if window:
+                if current > peak:
+                    peak, peak_index, peak_phase, peak_op = current, i, name, event[2]
+                if current > phase_peaks.get(name, 0):
+                    phase_peaks[name] = current
+                if allocator is not None and allocator.reserved > reserved_peak:
+                    reserved_peak = allocator.reserved
+        elif kind == "f":
+            serial = event[1]
+            current -= charged[serial]
+            if allocator is not None:
+                allocator.free(serial)
+        elif kind == "p":
+            phase = event[1]
+            name = phase.split(":")[0]
+            if window:
+                phase_peaks[name] = max(phase_peaks.get(name, 0), current)
+        else:  # "w": the measured step starts
+            window = True
+            peak, peak_index, peak_phase, peak_op = current, i, "forward", "(start of step)"
+            if allocator is not None:
+                reserved_peak = allocator.reserved
+
+    live: dict[int, int] = {}
+    for event in events[: peak_index + 1]:
+        if event[0] == "a":
+            if charged[event[1]]:
+                live[event[1]] = charged[event[1]]
+        elif event[0] == "f":
+            live.pop(event[1], None)
     at_peak = dict.fromkeys(COMPONENTS, 0)
-    for serial, charged in tracker.live_at_peak().items():
-        if serial in params:
+    for serial, c in live.items():
+        if serial in recording.params:
             part = "params"
-        elif serial in seen["state"]:
+        elif serial in recording.state:
             part = "optimizer_state"
-        elif serial in seen["grads"]:
+        elif serial in recording.grads:
             part = "grads"
-        elif serial in (tracker.workspace_serial, tracker.backward_workspace_serial):
+        elif serial in recording.workspaces:
             part = "cublas_workspace"
-        elif tracker.origin[serial].startswith(("forward", "setup")):
+        elif origin[serial].startswith(("forward", "setup")):
             part = "activations"  # both forwards' outputs, and the batch
         else:
             part = "temporaries"
-        at_peak[part] += charged
+        at_peak[part] += c
     if not cuda:
         del at_peak["cublas_workspace"]
-    assert sum(at_peak.values()) == tracker.peak
-    reserved = tracker.reserved_peak if cuda else tracker.peak
-    overheads = {"allocator_cache": reserved - tracker.peak, "cuda_context": CUDA_CONTEXT_BYTES}
+    assert sum(at_peak.values()) == peak
+    activations = dict.fromkeys(ACTIVATION_PARTS, 0)
+    for serial in recording.activations:
+        activations[regions[serial]] += charged[serial]
+    reserved = reserved_peak if cuda else peak
+    overheads = {"allocator_cache": reserved - peak, "cuda_context": CUDA_CONTEXT_BYTES}
+    cfg = recording.cfg
     return MemoryReport(
         model_config=cfg,
-        recipe=recipe,
-        micro_batch=micro_batch,
-        gradient_accumulation_steps=accumulation,
+        recipe=recording.recipe,
+        micro_batch=recording.micro_batch if micro_batch is None else micro_batch,
+        gradient_accumulation_steps=recording.accumulation,
         seq_len=cfg.block_size,
-        target=target,
-        num_parameters=sum(p.numel() for p in model.parameters()),
-        params_bytes=sum(params.values()),
-        grads_bytes=sum(seen["grads"].values()),
-        optimizer_state_bytes=sum(seen["state"].values()),
-        activations_bytes=sum(seen["activations"].values()),
-        activations_detail=MappingProxyType(seen["activations"]),
+        target=recording.target,
+        num_parameters=recording.num_parameters,
+        params_bytes=sum(charged[s] for s in recording.params),
+        grads_bytes=sum(charged[s] for s in recording.grads),
+        optimizer_state_bytes=sum(charged[s] for s in recording.state),
+        activations_bytes=sum(activations.values()),
+        activations_detail=MappingProxyType(activations),
         temporaries_bytes=at_peak["temporaries"],
-        peak_bytes=tracker.peak,
-        peak_phase=tracker.peak_phase,
-        peak_op=tracker.peak_op,
+        peak_bytes=peak,
+        peak_phase=peak_phase,
+        peak_op=peak_op,
         at_peak=MappingProxyType(at_peak),
-        phase_peaks=MappingProxyType({p: tracker.phase_peaks.get(p, 0) for p in PHASES}),
+        phase_peaks=MappingProxyType({p: phase_peaks.get(p, 0) for p in PHASES}),
         reserved_bytes=reserved,
         overheads=MappingProxyType(overheads if cuda else {}),
     )
+
+
+# Steps are recorded at one GPU generation: another one's differs only in the cuBLAS
+# workspace's bytes (with_workspace), so it replays the same recording.
+RECORDED_CAPABILITY = (8, 6)
+# Two micro-batches recorded once per step; every other micro-batch's report follows exactly
+# (sizes_at). Not 1: a batch of one takes other paths (views that need no copy).
+BASE_MICRO_BATCHES = (2, 3)
+_recorded: set[tuple[Any, ...]] = set()  # record_fake's keys (a hint: its memo may be cleared)
+
+
+def measure_fake(
+    cfg: ModelConfig,
+    micro_batch: int,
+    recipe: Recipe,
+    target: str,
+    max_grad_norm: float | None,
+    cuda_capability: tuple[int, int],
+    accumulation: int = 1,
+    shortcut: bool = True,
+    *,
+    linear: bool = False,
+) -> MemoryReport:
+    """The report of the step :func:`record_fake` records, from its recording or, where that
+    is exact (:func:`sizes_at`), replayed from the recordings at :data:`BASE_MICRO_BATCHES`:
+    always with ``linear=True`` (what the planner's search uses), else when those two are
+    recorded already. The same bytes either way; a replay costs milliseconds, a recording
+    seconds."""
+    args = (recipe, target, max_grad_norm, RECORDED_CAPABILITY, accumulation, shortcut)
+    sizes = None
+    if shortcut and not cfg.loss_chunk_size and micro_batch not in BASE_MICRO_BATCHES and (
+            linear or all((cfg, m, *args) in _recorded for m in BASE_MICRO_BATCHES)):
+        recording, second = (record_fake(cfg, m, *args) for m in BASE_MICRO_BATCHES)
+        sizes = sizes_at(recording, second, micro_batch)
+    if sizes is None:
+        recording = record_fake(cfg, micro_batch, *args)
+        sizes = recording.sizes
+    if target == "cuda":
+        sizes = with_workspace(recording, sizes, workspace_bytes(cuda_capability))
+    return replay(recording, sizes, micro_batch)
+
+
+def sizes_at(first: Recording, second: Recording, micro_batch: int) -> tuple[int, ...] | None:
+    """Every allocation's bytes at ``micro_batch``, from two recordings of the same step at two
+    other micro-batches, or None where that is not exact.
+
+    Exact when both runs did the same ops in the same order and every allocation's bytes are
+    ``a + b * micro_batch`` (weights, gradients and optimizer state: b = 0; activations: a = 0):
+    each size at ``micro_batch`` then follows from the two, and :func:`replay` redoes the
+    bookkeeping and the allocator simulation with them. Not with a chunked loss (its number of
+    chunks, so its ops, grows with the micro-batch, and the last chunk's size is not linear),
+    nor below the two micro-batches (a batch of 1 takes other paths): there it returns None.
+    ``tests/test_memory_golden.py`` holds the result against direct measurements.
+    """
+    m1, m2 = first.micro_batch, second.micro_batch
+    if first.cfg.loss_chunk_size or micro_batch < min(m1, m2) or m1 == m2:
+        return None  # chunks: their count and sizes; a batch of 1: views that need no copy
+    if not first.same_structure(second):
+        return None
+    sizes = []
+    for s1, s2 in zip(first.sizes, second.sizes, strict=True):
+        slope, rest = divmod(s2 - s1, m2 - m1)
+        size = s1 + slope * (micro_batch - m1)
+        if rest or size < 0:
+            return None
+        sizes.append(size)
+    return tuple(sizes)
+
+
+def at_micro_batch(first: Recording, second: Recording, micro_batch: int) -> MemoryReport | None:
+    """The report at ``micro_batch`` from two recordings (:func:`sizes_at`), or None."""
+    sizes = sizes_at(first, second, micro_batch)
+    return None if sizes is None else replay(first, sizes, micro_batch)
+
+
+def workspace_bytes(cuda_capability: tuple[int, int]) -> int:
+    """cuBLAS's workspace on a GPU of this compute capability (32 MiB on Hopper)."""
+    return CUBLAS_WORKSPACE_HOPPER if cuda_capability[0] == 9 else CUBLAS_WORKSPACE_BYTES
+
+
+def with_workspace(recording: Recording, sizes: tuple[int, ...], nbytes: int) -> tuple[int, ...]:
+    """``sizes`` with the cuBLAS workspaces' allocations made ``nbytes`` each: the step of
+    another GPU generation (only that allocation's size depends on it)."""
+    if not recording.workspaces:
+        return sizes
+    out = list(sizes)
+    k = 0
+    for event in recording.events:
+        if event[0] == "a":
+            if event[1] in recording.workspaces:
+                out[k] = nbytes
+            k += 1
+    return tuple(out)
