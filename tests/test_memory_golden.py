@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lowvram.config import get_preset
-from lowvram.memory import Recipe, measure_step, plan
+from lowvram.memory import Recipe, measure_step
 from lowvram.memory.measure import BASE_MICRO_BATCHES, _recording_args, measure_step_linear
 from lowvram.memory.plan import DEFAULT_RECIPES
 from lowvram.memory.tracker import record_fake, replay
@@ -84,16 +84,3 @@ def test_replay_refuses_where_it_would_not_be_exact() -> None:
                   gradient_checkpointing=chunk_cfg.gradient_checkpointing, loss_chunk_size=256)
     c1, c2 = (record_fake(chunk_cfg, m, ckey, "cuda", 1.0, (8, 6), 1) for m in BASE_MICRO_BATCHES)
     assert at_micro_batch(c1, c2, 5) is None
-
-
-@pytest.mark.slow
-def test_rtx2050_plan_gives_the_recorded_rows() -> None:
-    """The lesson's plan (what `python -m lowvram.memory --plan` prints), row by row and byte by
-    byte, as it was before the speed-up."""
-    model_cfg, _ = get_preset("rtx2050")
-    rows = plan(model_cfg, 4.0, 16, largest=True)
-    got = [{"recipe": r.recipe.name, "micro_batch": r.micro_batch, "accumulation": r.accumulation,
-            "largest_micro_batch": r.largest_micro_batch, "peak_bytes": r.report.peak_bytes,
-            "reserved_bytes": r.report.reserved_bytes, "total_bytes": r.report.total_bytes}
-           for r in rows]  # fmt: skip
-    assert got == GOLDEN["plan_rtx2050"]
