@@ -258,7 +258,8 @@ def test_the_planners_step_needs_what_the_real_one_needs_under_a_cap(monkeypatch
     model_config, _ = get_preset("rtx2050")
     model_config = dataclasses.replace(model_config, loss_chunk_size=256)
     recipe = Recipe("", "fp16", "adamw", "foreach", False, False, 256, True)
-    tracker.measure_fake.__wrapped__(model_config, 16, recipe, "cuda", 1.0, (9, 0), 1)
+    # the report replays the step's recording through a new simulation: the last one made
+    tracker.measure_fake(model_config, 16, recipe, "cuda", 1.0, (9, 0), 1)
     predicted = smallest_capacity(sims[-1].requests)
     # the trace began after verify had made its cuBLAS workspaces: the run's own reserved peak
     # (4,040 MiB) minus the trace's (3,974 MiB) is what was already held, 66 MiB
