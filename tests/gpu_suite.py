@@ -264,6 +264,20 @@ def _json(stdout: str, opener: str) -> Any:
     return json.loads(stdout[match.start():])
 
 
+def _run_json(cmd: Sequence[str], log: Path, timeout: float, opener: str) -> tuple[int | None, Any]:
+    """Run ``cmd``; its exit status and the JSON document its stdout ends with (None if none)."""
+    rc, stdout = run_command(cmd, log, timeout)
+    try:
+        return rc, _json(stdout, opener)
+    except json.JSONDecodeError:
+        return rc, None
+
+
+def _no_json(rc: int | None, timeout: float, log: str) -> dict[str, Any]:
+    reason = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}, no JSON"
+    return {"passed": False, "summary": f"{reason} (see {log})"}
+
+
 def part_plan(out: Path, timeout: float) -> dict[str, Any]:
     # The card's context is the planner's (an RTX 2050's, with lazy loading): this GPU's own is
     # larger (it grows with the number of SMs) and is reported in plan_rows.json, measured.
@@ -271,12 +285,9 @@ def part_plan(out: Path, timeout: float) -> dict[str, Any]:
 
     cmd = [sys.executable, "-m", "lowvram.verify", "--preset", "rtx2050", "--plan",
            "--card-gib", "4", "--context-mib", str(CUDA_CONTEXT_BYTES / 2**20), "--json"]
-    rc, stdout = run_command(cmd, out / "plan_rows.log", timeout)
-    try:
-        rows = _json(stdout, "[")
-    except json.JSONDecodeError:
-        reason = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}, no JSON"
-        return {"passed": False, "summary": f"{reason} (see plan_rows.log)"}
+    rc, rows = _run_json(cmd, out / "plan_rows.log", timeout, "[")
+    if rc is None or rows is None:
+        return _no_json(rc, timeout, "plan_rows.log")
     (out / "plan_rows.json").write_text(json.dumps(rows, indent=1))
     from lowvram.verify.cli import format_plan_table
 
@@ -293,12 +304,9 @@ def part_plan(out: Path, timeout: float) -> dict[str, Any]:
 
 def part_bench(out: Path, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "lowvram._bench", "--gpu", "--json"]
-    rc, stdout = run_command(cmd, out / "bench_gpu.log", timeout)
-    try:
-        results = _json(stdout, "{")
-    except json.JSONDecodeError:
-        reason = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}, no JSON"
-        return {"passed": False, "summary": f"{reason} (see bench_gpu.log)"}
+    rc, results = _run_json(cmd, out / "bench_gpu.log", timeout, "{")
+    if rc is None or results is None:
+        return _no_json(rc, timeout, "bench_gpu.log")
     (out / "bench_gpu.json").write_text(json.dumps(results, indent=1))
     from lowvram._bench.gpu import format_gpu_table, gpu_readme_section
 

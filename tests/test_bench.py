@@ -9,6 +9,7 @@ import io
 import json
 import math
 import pkgutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -375,8 +376,6 @@ def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> 
     assert len(row["lowvram_ms"]) == len(row["plain_ms"]) == 2 * 2  # 2 steps, 2 rounds
     assert all(positive(x / 1e3) for x in row["lowvram_ms"] + row["plain_ms"])
     assert row["ratio"] == row["lowvram_median_ms"] / row["plain_median_ms"]
-    import statistics
-
     assert row["round_ratios"] == [  # each round: its own train() run against its plain run
         statistics.median(row["lowvram_ms"][i:i + 2]) / statistics.median(row["plain_ms"][i:i + 2])
         for i in (0, 2)]

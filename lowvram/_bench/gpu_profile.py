@@ -190,8 +190,7 @@ def _run_train(model: ModelConfig, train: TrainConfig, rows, val, window: Window
             window.close()
 
 
-def _run_plain(model: ModelConfig, train: TrainConfig, rows, val, window: Window,
-               pinned: bool = False) -> None:
+def _run_plain(model: ModelConfig, train: TrainConfig, rows, val, window: Window) -> None:
     from lowvram._bench import loops
 
     device = torch.device("cuda")
