@@ -309,7 +309,7 @@ def test_make_bench_runs_the_gpu_part_and_cpu_targets_hide_cuda() -> None:
     assert "NB_ENV := PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES=\n" in makefile
     assert "\t$(PY) -m lowvram._bench --gpu --write-readme\n" in makefile  # CUDA visible
     assert "\nTEST_ENV := $(NB_ENV) " in makefile  # the test parts' environment hides CUDA too
-    for target in ("native", "portable-sse41 portable-avx2", "portable-stderr", "notebooks"):
+    for target in ("native", "portable-sse41 portable-avx2", "notebooks"):
         recipe = makefile.split(f"\n{target}:")[1].split("\n\n")[0]
         assert "$(NB_ENV)" in recipe or "$(TEST_ENV)" in recipe, target
     assert "env $(CPU_$*) $(TEST_ENV)" in makefile  # each emulated CPU's pass
