@@ -619,7 +619,23 @@ def replay(recording: Recording, sizes: tuple[int, ...] | None = None,
         phase_peaks=MappingProxyType({p: phase_peaks.get(p, 0) for p in PHASES}),
         reserved_bytes=reserved,
         overheads=MappingProxyType(overheads if cuda else {}),
+        allocator_requests=(lambda: allocator_requests(events, sizes)) if cuda else None,
     )
+
+
+def allocator_requests(events: tuple[tuple[Any, ...], ...],
+                       sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """A recording's allocator requests as ``CachingAllocatorSim(record=True)`` keeps them:
+    ``(serial, bytes)`` per allocation, ``(serial, -1)`` per free (for ``smallest_capacity``)."""
+    out: list[tuple[int, int]] = []
+    k = 0
+    for event in events:
+        if event[0] == "a":
+            out.append((event[1], sizes[k]))
+            k += 1
+        elif event[0] == "f":
+            out.append((event[1], -1))
+    return out
 
 
 # Steps are recorded at one GPU generation: another one's differs only in the cuBLAS
