@@ -374,35 +374,6 @@ def run_steps(
     del logits, loss
 
 
-# train()'s per_device_eval_batch_size: TrainConfig's default (every preset keeps it)
-EVAL_BATCH = TrainConfig().per_device_eval_batch_size
-
-
-def evaluate_once(model: GPTModel, eval_batch: int, *, precision: str) -> None:
-    """One batch of ``lowvram.train._evaluate``, as ``train()`` runs it before step 1: under
-    ``torch.no_grad()``, ``logits, _ = model(X)`` in autocast (full logits even with a chunked
-    loss: no targets), converted to fp32 (accelerate's ``convert_outputs_to_fp32``), then the
-    per-sequence loss in fp32 outside autocast. Every later batch repeats its allocations."""
-    cfg = model.config
-    rows = torch.randint(0, cfg.vocab_size, (eval_batch, cfg.block_size + 1))
-    X, Y = rows[:, :-1], rows[:, 1:]
-    autocast = torch.autocast("cpu", dtype=_DTYPES[precision], enabled=precision != "no")
-    model.eval()
-    with torch.no_grad():
-        with autocast:
-            logits, _ = model(X)
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        # (B, vocab, T): CUDA's log_softmax works on a contiguous copy of a non-contiguous
-        # input (SoftMax.cu's host_softmax), which fake tensors do not make: made here (the
-        # H200 trace shows three vocab-sized fp32 blocks: logits, log-probs and this copy)
-        per_seq = F.cross_entropy(logits.transpose(1, 2).contiguous(), Y,
-                                  reduction="none").mean(dim=1)
-        del logits, per_seq
-    model.train()
-    del rows, X, Y
-
-
 def _mark_regions(model: GPTModel, tracker: StorageTracker) -> None:
     """Forward pre-hooks that tell the tracker which part of the model is running."""
 
@@ -447,6 +418,35 @@ class Recording:
                 and self.grads == other.grads and self.state == other.state
                 and self.workspaces == other.workspaces and self.activations == other.activations
                 and self.num_parameters == other.num_parameters)  # fmt: skip
+
+
+# train()'s per_device_eval_batch_size: TrainConfig's default (every preset keeps it)
+EVAL_BATCH = TrainConfig().per_device_eval_batch_size
+
+
+def evaluate_once(model: GPTModel, eval_batch: int, *, precision: str) -> None:
+    """One batch of ``lowvram.train._evaluate``, as ``train()`` runs it before step 1: under
+    ``torch.no_grad()``, ``logits, _ = model(X)`` in autocast (full logits even with a chunked
+    loss: no targets), converted to fp32 (accelerate's ``convert_outputs_to_fp32``), then the
+    per-sequence loss in fp32 outside autocast. Every later batch repeats its allocations."""
+    cfg = model.config
+    rows = torch.randint(0, cfg.vocab_size, (eval_batch, cfg.block_size + 1))
+    X, Y = rows[:, :-1], rows[:, 1:]
+    autocast = torch.autocast("cpu", dtype=_DTYPES[precision], enabled=precision != "no")
+    model.eval()
+    with torch.no_grad():
+        with autocast:
+            logits, _ = model(X)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        # (B, vocab, T): CUDA's log_softmax works on a contiguous copy of a non-contiguous
+        # input (SoftMax.cu's host_softmax), which fake tensors do not make: made here (the
+        # H200 trace shows three vocab-sized fp32 blocks: logits, log-probs and this copy)
+        per_seq = F.cross_entropy(logits.transpose(1, 2).contiguous(), Y,
+                                  reduction="none").mean(dim=1)
+        del logits, per_seq
+    model.train()
+    del rows, X, Y
 
 
 @lru_cache(maxsize=256)
