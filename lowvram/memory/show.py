@@ -161,14 +161,14 @@ _PART_LABELS = {
     "en": {
         "params": "weights (fp32)", "grads": "gradients", "optimizer_state": "Adam state",
         "activations": "activations (at the peak)", "temporaries": "temporaries (at the peak)",
-        "cublas_workspace": "cuBLAS workspace", "allocator_cache": "allocator cache",
+        "cublas_workspace": "cuBLAS workspace", "allocator_cache": "allocator cache (uncapped)",
         "cuda_context": "CUDA context",
     },
     "az": {
         "params": "çəkilər (fp32)", "grads": "qradiyentlər", "optimizer_state": "Adam vəziyyəti",
         "activations": "aktivasiyalar (pik anında)",
         "temporaries": "müvəqqəti tensorlar (pik anında)",
-        "cublas_workspace": "cuBLAS iş sahəsi", "allocator_cache": "allocator keşi",
+        "cublas_workspace": "cuBLAS iş sahəsi", "allocator_cache": "allocator keşi (limitsiz)",
         "cuda_context": "CUDA konteksti",
     },
 }
@@ -188,7 +188,8 @@ def plot_budget(
 ) -> Figure:
     """Stacked bars of what is live at each report's peak, then the overheads, and the card's line.
 
-    Each bar's top is the report's ``total_bytes``. Returns the matplotlib Figure (matplotlib is
+    Each bar's top is the report's ``total_bytes``: the allocator's cache as an uncapped run
+    keeps it (under a card's cap it gives wholly free segments back: ``needed_bytes``). Returns the matplotlib Figure (matplotlib is
     imported here, not with the module); in a notebook end the cell with ``plt.show()``.
     """
     import matplotlib.pyplot as plt
