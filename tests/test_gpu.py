@@ -60,6 +60,8 @@ def test_verify_training_on_a_small_model_fits_and_its_numbers_are_sane():
     # at least weights + gradients + AdamW's two moments, fp32; below the cap
     assert 16 * params <= r["measured_allocated_bytes"] <= r["measured_reserved_bytes"]
     assert r["measured_reserved_bytes"] <= r["cap_bytes"]
+    assert r["predicted_runs_under_cap"] and r["predicted_fits"]  # the planner agrees
+    assert r["predicted_capped_reserved_bytes"] <= r["predicted_reserved_bytes"]
     assert 0 < r["context_bytes"] < 2 * GiB and r["context_after_bytes"] > 0
     assert r["card_bytes"] == 4 * GiB
     assert r["cap_bytes"] == pytest.approx(4 * GiB - r["context_bytes"], abs=1)
@@ -75,6 +77,7 @@ def test_verify_training_reports_running_out_of_memory_and_lifts_the_cap():
     assert r["outcome"] == "ran out of memory" and not r["fits"]
     assert "out of memory" in r["error"].lower()
     assert r["steps_run"] == 0 and r["cap_bytes"] == pytest.approx(256 * MiB, abs=1)
+    assert not r["predicted_runs_under_cap"]  # the planner agrees
     assert r["measured_reserved_bytes"] <= r["cap_bytes"]
     assert _allocator_cap_is_lifted()
 
@@ -181,6 +184,26 @@ def test_planner_prediction_is_within_tolerance_of_the_real_train(shape):
     assert abs(r["allocated_error"]) <= PLAN_TOLERANCE, (
         f"predicted {r['predicted_allocated_bytes'] / MiB:.0f} MiB, measured "
         f"{r['measured_allocated_bytes'] / MiB:.0f} MiB ({r['allocated_error']:+.1%})")
+
+
+@pytest.mark.parametrize(("factor", "runs"), [(1.03, True), (0.98, False)])
+def test_the_planners_capped_need_is_what_train_needs_under_a_cap(factor, runs):
+    """What "fits" judges (issue 18): the planner's capped_reserved_bytes for the lesson's
+    fp16 4 x 4 on this GPU, made the allocator's cap: the real train() runs under it + 3% and
+    runs out of memory under it - 2% (the H200 trace put it within 2%: +0.2%; the
+    3% above leaves room for what earlier tests left in this process)."""
+    from lowvram.memory import measure_step
+
+    config = RTX_TRAIN.replace(mixed_precision="fp16")
+    need = measure_step(RTX_MODEL, config.per_device_train_batch_size, "fp16",
+                        gradient_accumulation_steps=config.gradient_accumulation_steps,
+                        cuda_capability=torch.cuda.get_device_capability()).capped_reserved_bytes
+    cap = int(need * factor)
+    r = verify_training(RTX_MODEL, config, card_gib=4.0, steps=2, context_bytes=4 * GiB - cap)
+    assert r["predicted_capped_reserved_bytes"] == need
+    assert r["cap_bytes"] == pytest.approx(cap, abs=1)
+    assert r["fits"] == runs, (f"planner's need {need / MiB:,.0f} MiB, cap {cap / MiB:,.0f} MiB: "
+                               f"{r['outcome']} (measured reserved {r['measured_reserved_bytes'] / MiB:,.0f} MiB)")
 
 
 def test_gpu_bench_measures_both_loops_on_a_small_model():

@@ -153,15 +153,53 @@ def test_cuda_target_counts_workspace_and_overheads() -> None:
     assert r.overheads["cuda_context"] == CUDA_CONTEXT_BYTES
     assert r.overheads["allocator_cache"] == r.reserved_bytes - r.peak_bytes >= 0
     assert r.total_bytes == r.reserved_bytes + CUDA_CONTEXT_BYTES
-    # a card of total + the 300 MiB reserve holds it exactly (5% of < 6 GiB is under 300 MiB)
-    assert memory.reserve_bytes((r.total_bytes + 300 * MiB) / GiB) == 300 * MiB
-    assert r.fits(card_gib=(r.total_bytes + 300 * MiB) / GiB)
-    assert not r.fits(card_gib=(r.total_bytes + 300 * MiB - 1) / GiB)
-    assert r.fits(free_bytes=r.reserved_bytes + 300 * MiB)  # mem_get_info's free: context taken
-    assert not r.fits(free_bytes=r.reserved_bytes + 300 * MiB - 1)
+    # what a card needs: the smallest cap the run fits under, between the peak and the uncapped
+    # reserved memory, plus the context
+    assert r.peak_bytes <= r.capped_reserved_bytes <= r.reserved_bytes
+    assert r.needed_bytes == r.capped_reserved_bytes + CUDA_CONTEXT_BYTES
+    # a card of needed + the 300 MiB reserve holds it exactly (5% of < 6 GiB is under 300 MiB)
+    assert memory.reserve_bytes((r.needed_bytes + 300 * MiB) / GiB) == 300 * MiB
+    assert r.fits(card_gib=(r.needed_bytes + 300 * MiB) / GiB)
+    assert not r.fits(card_gib=(r.needed_bytes + 300 * MiB - 1) / GiB)
+    # mem_get_info's free: the context is taken already
+    assert r.fits(free_bytes=r.capped_reserved_bytes + 300 * MiB)
+    assert not r.fits(free_bytes=r.capped_reserved_bytes + 300 * MiB - 1)
     assert r.peak_bytes % 512 == 0  # every block is a multiple of 512 bytes
     hopper = measure_step(CFG, 4, cuda_capability=(9, 0))
     assert hopper.at_peak["cublas_workspace"] == 2 * 32 * MiB
+
+
+def test_fits_judges_what_the_run_needs_under_a_cap() -> None:
+    """A step whose uncapped cache passes the card still fits when, capped, the allocator's
+    release of its wholly free segments keeps it under: the requests of
+    test_smallest_capacity_counts_what_a_cap_would_release (62 MiB uncapped, 42 MiB capped)."""
+    requests = [(1, 2 * MiB), (2, 19 * MiB), (2, -1), (3, 22 * MiB)]
+    calls = []
+
+    def made() -> list[tuple[int, int]]:
+        calls.append(1)
+        return requests
+
+    r = dataclasses.replace(measure_step(CFG, 2), peak_bytes=24 * MiB, reserved_bytes=62 * MiB,
+                            overheads={"allocator_cache": 38 * MiB,
+                                       "cuda_context": CUDA_CONTEXT_BYTES},
+                            allocator_requests=made)
+    card = (300 * MiB + CUDA_CONTEXT_BYTES + 50 * MiB) / GiB  # usable: context + 50 MiB
+    assert r.total_bytes > memory.usable_bytes(card)  # uncapped it would not fit...
+    assert r.fits(card) and r.capped_reserved_bytes == 42 * MiB  # ...capped it does
+    assert r.needed_bytes == 42 * MiB + CUDA_CONTEXT_BYTES
+    assert r.margin_bytes(card) == 8 * MiB
+    assert not r.fits(free_bytes=41 * MiB + 300 * MiB) and r.fits(free_bytes=42 * MiB + 300 * MiB)
+    assert len(calls) == 1  # computed once, then kept
+    # computed only where it decides: not where the uncapped reserved fits, nor where the
+    # allocated peak alone does not
+    for card_gib in (1.0, (300 * MiB + CUDA_CONTEXT_BYTES + 20 * MiB) / GiB):
+        fresh = dataclasses.replace(r, allocator_requests=made)
+        assert fresh.fits(card_gib) == (card_gib == 1.0)
+        assert "capped_reserved_bytes" not in fresh.__dict__
+    assert len(calls) == 1
+    # a report without requests (made by hand): its uncapped reserved memory
+    assert dataclasses.replace(r, allocator_requests=None).capped_reserved_bytes == 62 * MiB
 
 
 def test_seed_config_numbers() -> None:
@@ -240,8 +278,8 @@ def test_plan_keeps_the_exact_effective_batch() -> None:
     big = dataclasses.replace(CFG, vocab_size=4096)  # a sequence costs MiBs: the allocator's
     # 20 MiB segments still make the total a staircase in the micro-batch
 
-    def total(micro: int) -> int:
-        return measure_step(big, micro, recipe, gradient_accumulation_steps=2).total_bytes
+    def total(micro: int) -> int:  # what fits judges: the need under a cap, context included
+        return measure_step(big, micro, recipe, gradient_accumulation_steps=2).needed_bytes
 
     # a card on which 5 sequences fit with accumulation (>= 2), inside the headroom, 6 not
     card_gib = (total(5) + 300 * MiB) / GiB
@@ -304,7 +342,8 @@ def test_ablation_rows_and_tables() -> None:
     assert best.loss_chunk_size == 256
     assert best.peak_bytes < rows[0].report.peak_bytes
     en = ablation_table(rows, card_gib=4.0)
-    assert en.splitlines()[0] == "| Step | Peak (MiB) | Change (MiB) | Change (%) | Total (MiB) | Fits 4 GiB |"
+    assert en.splitlines()[0] == ("| Step | Peak (MiB) | Change (MiB) | Change (%) | Needed, capped "
+                                  "(MiB) | Total, uncapped (MiB) | Fits 4 GiB |")
     assert len(en.splitlines()) == 2 + len(rows)
     az = ablation_table(rows, card_gib=4.0, lang="az")
     assert "Dəyişiklik (MiB)" in az and "bəli" in az
@@ -342,7 +381,8 @@ def test_cli_json_has_the_peak_every_part_and_the_verdict(capsys: pytest.Capture
                         "--loss-chunk-size", "8", "--card-gib", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("peak_bytes", "params_bytes", "grads_bytes", "optimizer_state_bytes",
-                "activations_bytes", "temporaries_bytes", "reserved_bytes", "total_bytes"):
+                "activations_bytes", "temporaries_bytes", "reserved_bytes", "total_bytes",
+                "capped_reserved_bytes", "needed_bytes"):
         assert isinstance(out[key], int) and out[key] > 0, key
     assert out["fits"] is True
     assert (out["precision"], out["adamw_impl"], out["tie_embeddings"],

@@ -95,6 +95,7 @@ def _fake_result(**changes) -> dict:
         "context_after_bytes": 800 * MiB, "cap_fraction": 0.02, "cap_bytes": 3329 * MiB,
         "baseline_allocated_bytes": 32 * MiB, "predicted_allocated_bytes": 3200 * MiB,
         "predicted_reserved_bytes": 3300 * MiB, "predicted_fits": True,
+        "predicted_capped_reserved_bytes": 3250 * MiB, "predicted_runs_under_cap": True,
         "accumulation_modelled": True, "measured_allocated_bytes": 3232 * MiB,
         "measured_reserved_bytes": 3310 * MiB, "allocated_error": 3200 / 3232 - 1,
         "reserved_error": 3300 / 3310 - 1, "precision": "fp16", "micro_batch": 4,
@@ -112,6 +113,11 @@ def test_format_result_prints_predicted_measured_context_and_verdict():
     assert "max_memory_reserved: predicted 3,300 MiB, measured 3,310 MiB (-0.3%)" in text
     assert "767 MiB, measured 767 MiB before the run and 800 MiB after it" in text
     assert "allocator capped at 3,329 MiB" in text
+    assert ("under a cap: the planner's run needs 3,250 MiB reserved (the smallest cap it fits "
+            "under; the uncapped peak above can be larger): predicted to run under this cap of "
+            "3,329 MiB; the plan says it fits a 4 GiB card with its headroom") in text
+    over = cli.format_result(_fake_result(predicted_runs_under_cap=False, predicted_fits=False))
+    assert "predicted to run out of memory under this cap" in over and "does not fit" in over
     assert "result: fits (2 steps, losses 10.4000, 10.3000); the card needs 4,110 of 4,096 MiB" in text
     assert "more than the card" in text  # 3,310 reserved + 800 outside > 4,096
     assert "more than the card" not in cli.format_result(_fake_result(context_after_bytes=700 * MiB))
@@ -134,11 +140,11 @@ def test_format_plan_table_marks_each_row():
     ]
     lines = cli.format_plan_table(rows).splitlines()
     assert len(lines) == 6
-    assert lines[5] == "| fp16 + 8-bit | 16 x 1 | | | | | | failed: RuntimeError: a kernel | **NO** |"
+    assert lines[5] == "| fp16 + 8-bit | 16 x 1 | | | | | | | failed: RuntimeError: a kernel | **NO** |"
     assert lines[2].startswith("| fp16 (the lesson's choice) | 4 x 4 | 3,200 | 3,232 | -1.0% |")
-    assert lines[2].endswith("| fits | yes |")
+    assert lines[2].endswith("| 3,300 | 3,310 | 3,250 | fits | yes |")
     assert lines[3].endswith("| **NO**: allocated peak off by -5.0% (tolerance 3%) |")
-    assert lines[4] == "| fp32 (lesson baseline) | 2 x 8 | | | | | | skipped: no bitsandbytes | - |"
+    assert lines[4] == "| fp32 (lesson baseline) | 2 x 8 | | | | | | | skipped: no bitsandbytes | - |"
 
 
 # --------------------------------------------------------------------------- the run, faked

@@ -60,13 +60,22 @@ What ``target="cuda"`` (the default) adds, to predict a CUDA GPU instead of this
   20 MiB segments, larger ones rounded up to 2 MiB, best-fit reuse of cached blocks, splitting
   and coalescing. ``peak_bytes`` is then what ``torch.cuda.max_memory_allocated()`` reports and
   ``reserved_bytes`` what ``torch.cuda.max_memory_reserved()`` reports (cached segments are never
-  given back, as on a card with room to spare).
+  given back, as on a card with room to spare). ``capped_reserved_bytes`` is what a card must
+  let the allocator reserve: the smallest cap the simulated run fits under, since under a cap
+  the allocator returns its wholly free cached segments before it reports out-of-memory
+  (``_allocator.smallest_capacity``; within 2% of an H200 trace of the real ``train()`` for
+  fp16 4 x 4 and 16 x 1 with the chunked loss, where the uncapped peak varied by 12% between
+  two runs of the same step).
+- ``train()``'s evaluation before step 1 (one batch of ``per_device_eval_batch_size`` = 4 rows,
+  no grad, full fp32 logits even with a chunked loss): its freed blocks stay cached when the
+  steps begin, as on the GPU, and the steps reuse or split them.
 - The cuBLAS workspace (8 MiB on an RTX 2050), allocated at the first matmul through the caching
   allocator, so it is part of ``max_memory_allocated`` since PyTorch 2.0 (pytorch#95668); twice,
   since cuBLAS keeps one per thread's handle and backward runs in the autograd engine's thread.
 - Outside the allocator: the CUDA context (:data:`CUDA_CONTEXT_BYTES`). ``total_bytes`` is
-  ``reserved_bytes`` plus the context; :meth:`MemoryReport.fits` holds it against the card minus
-  a reserve of max(5%, 300 MiB) (:func:`reserve_bytes`, which says why).
+  ``reserved_bytes`` plus the context (the uncapped run), ``needed_bytes``
+  ``capped_reserved_bytes`` plus the context: :meth:`MemoryReport.fits` holds that against the
+  card minus a reserve of max(5%, 300 MiB) (:func:`reserve_bytes`, which says why).
 
 Not modelled (each is small next to the terms above, or absent with the presets): fused
 attention kernels' scratch buffers during backward (a few MiB, transient); dropout masks

@@ -109,12 +109,14 @@ def run(argv: Sequence[str] | None = None) -> int:
                  "gradient_accumulation_steps": r.accumulation,
                  "effective_batch": r.effective_batch, "largest_micro_batch": r.largest_micro_batch,
                  "total_bytes": r.report.total_bytes if r.report else None,
+                 "needed_bytes": r.report.needed_bytes if r.report else None,
                  "train_command": r.train_command(args.preset) if r.report else None}
                 for r in rows
             ]
         if args.ablation:
             out["ablation"] = [
-                {"step": r.name, "peak_bytes": r.report.peak_bytes, "total_bytes": r.report.total_bytes}
+                {"step": r.name, "peak_bytes": r.report.peak_bytes, "total_bytes": r.report.total_bytes,
+                 "needed_bytes": r.report.needed_bytes, "fits": r.report.fits(args.card_gib)}
                 for r in steps
             ]
         print(json.dumps(out, indent=2))
@@ -123,9 +125,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.plan:
         usable = usable_bytes(args.card_gib)
         print(f"\nPlans for effective batch exactly {target_batch} on {args.card_gib:g} GiB: the "
-              f"largest micro-batch that divides it and keeps Total (CUDA context included) <= "
-              f"{_mib(usable)} MiB ({_mib(reserve_bytes(args.card_gib))} MiB kept free), each "
-              "micro-batch measured with its own accumulation. "
+              f"largest micro-batch that divides it and keeps Needed (what the run needs under "
+              f"a cap, CUDA context included) <= {_mib(usable)} MiB "
+              f"({_mib(reserve_bytes(args.card_gib))} MiB kept free), each micro-batch measured "
+              "with its own accumulation. Total: what an uncapped run (a big GPU) reserves, plus "
+              "the context. "
               "'Largest that fits': the largest micro-batch under that limit, exact or not.")
         print(plan_table(rows))
         print("\nTo train a row as planned:")

@@ -181,9 +181,9 @@ class _Search:
         return self.measured[key]
 
     def margin(self, report: MemoryReport) -> int:
-        """Bytes left under the limit (>= 0 exactly when ``report.fits``)."""
-        need = report.reserved_bytes if self.free_bytes is not None else report.total_bytes
-        return self.limit - need
+        """Bytes left under the limit (>= 0 exactly when ``report.fits``; exact near it:
+        :meth:`MemoryReport.margin_bytes`, which computes the capped need only there)."""
+        return report.margin_bytes(self.card_gib, self.free_bytes)
 
     def fits(self, micro: int, accumulation: int | None = None) -> bool:
         return self.margin(self.report(micro, accumulation)) >= 0

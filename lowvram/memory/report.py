@@ -2,17 +2,19 @@
 constants of a CUDA card and the headroom a plan keeps.
 
 Import these names from ``lowvram.memory``. Layer 2 of the package: it imports only
-:mod:`lowvram.config`.
+:mod:`lowvram.config` and the allocator simulation's ``smallest_capacity``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from lowvram.config import OPTIMIZERS, PRECISIONS, ModelConfig
+from lowvram.memory._allocator import smallest_capacity
 
 MiB = 2**20
 GiB = 2**30
@@ -211,8 +213,12 @@ class MemoryReport:
     peak_op: str  # the ATen op whose output reached the peak, e.g. "_foreach_sqrt"
     at_peak: Mapping[str, int] = field(repr=False)
     phase_peaks: Mapping[str, int] = field(repr=False)
-    reserved_bytes: int  # target "cuda": simulated torch.cuda.max_memory_reserved()
+    reserved_bytes: int  # target "cuda": simulated torch.cuda.max_memory_reserved(), uncapped
     overheads: Mapping[str, int] = field(repr=False)  # outside max_memory_allocated
+    # target "cuda": the simulated run's allocator requests, (key, bytes) and (key, -1) for a
+    # free, made on demand for capped_reserved_bytes (None: a report made by hand: its reserved)
+    allocator_requests: Callable[[], list[tuple[int, int]]] | None = field(
+        default=None, repr=False, compare=False)
 
     # the recipe's options and the model's, read through (read-only properties, not fields)
     precision = property(lambda self: self.recipe.precision)
@@ -228,21 +234,61 @@ class MemoryReport:
 
     @property
     def total_bytes(self) -> int:
-        """What the card must hold: the peak plus every overhead (allocator cache, CUDA context)."""
+        """What an uncapped run reserves plus the CUDA context: the peak plus every overhead
+        (allocator cache, context). A card needs less: :attr:`needed_bytes`."""
         return self.peak_bytes + sum(self.overheads.values())
+
+    @cached_property
+    def capped_reserved_bytes(self) -> int:
+        """The smallest cap on the allocator's reserved memory under which the simulated run
+        (the model's setup, the evaluation before step 1, both steps) raises no out-of-memory,
+        to 2 MiB (:func:`~lowvram.memory._allocator.smallest_capacity`): what a card must hold
+        besides the CUDA context. Under a cap the allocator returns its wholly free cached
+        segments and retries before it fails, so this is <= :attr:`reserved_bytes`, the uncapped
+        peak (which on a real GPU also depends on the driver's segment addresses: the same
+        chunked-loss run reserved 3,610 and 4,040 MiB on an H200). Computed on first use (a few
+        tenths of a second: a bisection over full simulations), then kept. CPU: the peak."""
+        if self.target != "cuda":
+            return self.peak_bytes
+        if self.allocator_requests is None:
+            return self.reserved_bytes
+        # never above the uncapped peak (the bisection's 2 MiB rounding could pass it)
+        return min(smallest_capacity(self.allocator_requests()), self.reserved_bytes)
+
+    @property
+    def needed_bytes(self) -> int:
+        """What the card must hold: :attr:`capped_reserved_bytes` plus the CUDA context. The
+        figure :meth:`fits` judges (:attr:`total_bytes` is the uncapped run's)."""
+        return self.capped_reserved_bytes + self.overheads.get("cuda_context", 0)
+
+    def margin_bytes(self, card_gib: float = 4.0, free_bytes: int | None = None) -> int:
+        """The bytes left under the limit :meth:`fits` holds the step against (>= 0 exactly when
+        it fits): ``card - reserve - needed_bytes``, or with ``free_bytes``
+        ``free_bytes - reserve - capped_reserved_bytes``.
+
+        Exact near the limit only: where the uncapped reserved memory is under it too, the
+        margin of that (smaller) is returned, and where the allocated peak alone is over it,
+        the (larger) margin of the peak: :attr:`capped_reserved_bytes`, which lies between
+        them, is computed only where it decides (it costs a few tenths of a second).
+        """
+        if free_bytes is not None:
+            limit = free_bytes - reserve_bytes(card_gib)
+        else:
+            limit = usable_bytes(card_gib) - self.overheads.get("cuda_context", 0)
+        if self.reserved_bytes <= limit or self.peak_bytes > limit:
+            return limit - (self.reserved_bytes if self.reserved_bytes <= limit else self.peak_bytes)
+        return limit - self.capped_reserved_bytes
 
     def fits(self, card_gib: float = 4.0, free_bytes: int | None = None) -> bool:
         """Whether the step fits a card of ``card_gib`` GiB and leaves its headroom free.
 
-        ``total_bytes <= card - reserve`` (:func:`reserve_bytes`: max(5%, 300 MiB)). With
-        ``free_bytes`` (what ``torch.cuda.mem_get_info()`` says is free once the context
-        exists) the context is already taken: ``reserved_bytes <= free_bytes - reserve``.
-        Conservative: the simulated allocator never gives cached segments back, whereas the
-        real one frees them and retries before it reports out-of-memory.
+        ``needed_bytes <= card - reserve`` (:func:`reserve_bytes`: max(5%, 300 MiB)), where
+        :attr:`needed_bytes` is what the run needs under a cap (as the card's own memory caps
+        it), context included. With ``free_bytes`` (what ``torch.cuda.mem_get_info()`` says is
+        free once the context exists) the context is already taken:
+        ``capped_reserved_bytes <= free_bytes - reserve``.
         """
-        if free_bytes is not None:
-            return self.reserved_bytes <= free_bytes - reserve_bytes(card_gib)
-        return self.total_bytes <= usable_bytes(card_gib)
+        return self.margin_bytes(card_gib, free_bytes) >= 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON: the options, every byte count, the peak's phase and op."""
@@ -271,6 +317,8 @@ class MemoryReport:
             "at_peak": dict(self.at_peak),
             "phase_peaks": dict(self.phase_peaks),
             "reserved_bytes": self.reserved_bytes,
+            "capped_reserved_bytes": self.capped_reserved_bytes,
             "overheads": dict(self.overheads),
             "total_bytes": self.total_bytes,
+            "needed_bytes": self.needed_bytes,
         }

@@ -31,14 +31,18 @@ def _signed_mib(n: int) -> str:
 
 _HEADERS = {
     "plan": {
-        "en": ("Recipe", "Micro-batch", "Accumulation", "Effective batch", "Peak (MiB)", "Total (MiB)"),
-        "az": ("Resept", "Mikro-batch", "Yığım addımları", "Effektiv batch", "Pik (MiB)", "Cəmi (MiB)"),
+        "en": ("Recipe", "Micro-batch", "Accumulation", "Effective batch", "Peak (MiB)",
+               "Needed, capped (MiB)", "Total, uncapped (MiB)"),
+        "az": ("Resept", "Mikro-batch", "Yığım addımları", "Effektiv batch", "Pik (MiB)",
+               "Lazım, limitlə (MiB)", "Cəmi, limitsiz (MiB)"),
     },
     "largest": {"en": "Largest that fits", "az": "Sığan ən böyük"},
     "command": {"en": "Train command", "az": "Təlim əmri"},
     "ablation": {
-        "en": ("Step", "Peak (MiB)", "Change (MiB)", "Change (%)", "Total (MiB)", "Fits {card} GiB"),
-        "az": ("Addım", "Pik (MiB)", "Dəyişiklik (MiB)", "Dəyişiklik (%)", "Cəmi (MiB)", "{card} GiB-a sığır?"),
+        "en": ("Step", "Peak (MiB)", "Change (MiB)", "Change (%)", "Needed, capped (MiB)",
+               "Total, uncapped (MiB)", "Fits {card} GiB"),
+        "az": ("Addım", "Pik (MiB)", "Dəyişiklik (MiB)", "Dəyişiklik (%)", "Lazım, limitlə (MiB)",
+               "Cəmi, limitsiz (MiB)", "{card} GiB-a sığır?"),
     },
 }
 _YES_NO = {"en": ("yes", "no"), "az": ("bəli", "xeyr")}
@@ -58,6 +62,10 @@ def _check_lang(lang: str) -> None:
 def plan_table(rows: Sequence[PlanRow], lang: str = "en", preset: str | None = None) -> MarkdownTable:
     """The planner's rows as a Markdown table (``lang="az"``: Azerbaijani headers).
 
+    "Needed, capped" is what the card must hold (:attr:`MemoryReport.needed_bytes`: the run's
+    smallest allocator cap plus the CUDA context), the figure a row fits by; "Total, uncapped"
+    what a run on a big GPU reserves plus the context (:attr:`MemoryReport.total_bytes`).
+
     A column "Largest that fits" appears when the plan searched for it
     (``plan(..., largest=True)``): the largest micro-batch that fits at all, exact or not.
     With ``preset`` (the preset the plan measured, e.g. "rtx2050") a last column gives each
@@ -74,11 +82,12 @@ def plan_table(rows: Sequence[PlanRow], lang: str = "en", preset: str | None = N
         if preset:
             extra.append(f"`{row.train_command(preset)}`" if row.report is not None else "-")
         if row.report is None:
-            body.append([row.recipe.name, "0", "-", "-", "-", "-", *extra])
+            body.append([row.recipe.name, "0", "-", "-", "-", "-", "-", *extra])
             continue
         body.append([
             row.recipe.name, str(row.micro_batch), str(row.accumulation), str(row.effective_batch),
-            _mib(row.report.peak_bytes), _mib(row.report.total_bytes), *extra,
+            _mib(row.report.peak_bytes), _mib(row.report.needed_bytes),
+            _mib(row.report.total_bytes), *extra,
         ])
     return _markdown(headers, body)
 
@@ -88,7 +97,8 @@ def ablation_table(
 ) -> MarkdownTable:
     """The ablation's rows as a Markdown table (``lang="az"``: Azerbaijani headers).
 
-    "Fits" keeps the plan's headroom: total <= card - max(5%, 300 MiB).
+    "Fits" keeps the plan's headroom: needed (capped) <= card - max(5%, 300 MiB)
+    (:meth:`MemoryReport.fits`).
     """
     _check_lang(lang)
     yes, no = _YES_NO[lang]
@@ -100,7 +110,7 @@ def ablation_table(
         pct = "-" if i == 0 else f"{100 * row.peak_change / before:+.1f}"
         body.append([
             row.name, _mib(r.peak_bytes), "-" if i == 0 else _signed_mib(row.peak_change), pct,
-            _mib(r.total_bytes), yes if r.fits(card_gib) else no,
+            _mib(r.needed_bytes), _mib(r.total_bytes), yes if r.fits(card_gib) else no,
         ])
     return _markdown(headers, body)
 
@@ -125,9 +135,12 @@ def format_report(report: MemoryReport, card_gib: float = 4.0) -> str:
     for name, value in r.overheads.items():
         lines.append(f"  + {name:<15}{_mib(value, 1):>10} MiB")
     verdict = "fits" if r.fits(card_gib) else "does NOT fit"
+    lines.append(f"  total            {_mib(r.total_bytes, 1):>10} MiB  (uncapped: what a big GPU "
+                 "reserves, plus the context)")
     lines.append(
-        f"  total            {_mib(r.total_bytes, 1):>10} MiB: {verdict} in {card_gib:g} GiB "
-        f"(usable {_mib(usable_bytes(card_gib))} MiB: {_mib(reserve_bytes(card_gib))} MiB kept free)"
+        f"  needed           {_mib(r.needed_bytes, 1):>10} MiB: {verdict} in {card_gib:g} GiB "
+        f"(under a cap; usable {_mib(usable_bytes(card_gib))} MiB: "
+        f"{_mib(reserve_bytes(card_gib))} MiB kept free)"
     )
     return "\n".join(lines)
 
@@ -148,14 +161,14 @@ _PART_LABELS = {
     "en": {
         "params": "weights (fp32)", "grads": "gradients", "optimizer_state": "Adam state",
         "activations": "activations (at the peak)", "temporaries": "temporaries (at the peak)",
-        "cublas_workspace": "cuBLAS workspace", "allocator_cache": "allocator cache",
+        "cublas_workspace": "cuBLAS workspace", "allocator_cache": "allocator cache (uncapped)",
         "cuda_context": "CUDA context",
     },
     "az": {
         "params": "çəkilər (fp32)", "grads": "qradiyentlər", "optimizer_state": "Adam vəziyyəti",
         "activations": "aktivasiyalar (pik anında)",
         "temporaries": "müvəqqəti tensorlar (pik anında)",
-        "cublas_workspace": "cuBLAS iş sahəsi", "allocator_cache": "allocator keşi",
+        "cublas_workspace": "cuBLAS iş sahəsi", "allocator_cache": "allocator keşi (limitsiz)",
         "cuda_context": "CUDA konteksti",
     },
 }
@@ -175,7 +188,8 @@ def plot_budget(
 ) -> Figure:
     """Stacked bars of what is live at each report's peak, then the overheads, and the card's line.
 
-    Each bar's top is the report's ``total_bytes``. Returns the matplotlib Figure (matplotlib is
+    Each bar's top is the report's ``total_bytes``: the allocator's cache as an uncapped run
+    keeps it (under a card's cap it gives wholly free segments back: ``needed_bytes``). Returns the matplotlib Figure (matplotlib is
     imported here, not with the module); in a notebook end the cell with ``plt.show()``.
     """
     import matplotlib.pyplot as plt

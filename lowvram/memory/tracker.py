@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lowvram.config import ModelConfig
+from lowvram.config import ModelConfig, TrainConfig
 from lowvram.memory._allocator import CachingAllocatorSim
 from lowvram.memory.report import (
     ACTIVATION_PARTS,
@@ -420,6 +420,35 @@ class Recording:
                 and self.num_parameters == other.num_parameters)  # fmt: skip
 
 
+# train()'s per_device_eval_batch_size: TrainConfig's default (every preset keeps it)
+EVAL_BATCH = TrainConfig().per_device_eval_batch_size
+
+
+def evaluate_once(model: GPTModel, eval_batch: int, *, precision: str) -> None:
+    """One batch of ``lowvram.train._evaluate``, as ``train()`` runs it before step 1: under
+    ``torch.no_grad()``, ``logits, _ = model(X)`` in autocast (full logits even with a chunked
+    loss: no targets), converted to fp32 (accelerate's ``convert_outputs_to_fp32``), then the
+    per-sequence loss in fp32 outside autocast. Every later batch repeats its allocations."""
+    cfg = model.config
+    rows = torch.randint(0, cfg.vocab_size, (eval_batch, cfg.block_size + 1))
+    X, Y = rows[:, :-1], rows[:, 1:]
+    autocast = torch.autocast("cpu", dtype=_DTYPES[precision], enabled=precision != "no")
+    model.eval()
+    with torch.no_grad():
+        with autocast:
+            logits, _ = model(X)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        # (B, vocab, T): CUDA's log_softmax works on a contiguous copy of a non-contiguous
+        # input (SoftMax.cu's host_softmax), which fake tensors do not make: made here (the
+        # H200 trace shows three vocab-sized fp32 blocks: logits, log-probs and this copy)
+        per_seq = F.cross_entropy(logits.transpose(1, 2).contiguous(), Y,
+                                  reduction="none").mean(dim=1)
+        del logits, per_seq
+    model.train()
+    del rows, X, Y
+
+
 @lru_cache(maxsize=256)
 def record_fake(
     cfg: ModelConfig,
@@ -430,11 +459,17 @@ def record_fake(
     cuda_capability: tuple[int, int],
     accumulation: int = 1,
     shortcut: bool = True,
+    evaluation: bool = True,
+    eval_batch: int = EVAL_BATCH,
 ) -> Recording:
     """Two optimizer steps of ``GPTModel(cfg)`` on fake tensors, ``accumulation`` micro-batches
     each, recorded (memoised: the expensive part, about a second per 100M parameters). The 2nd
     step is the measured one. Its peak is the same for any accumulation >= 2 (the 3rd
-    micro-batch repeats the 2nd's state), so callers pass ``min(accumulation, 2)``."""
+    micro-batch repeats the 2nd's state), so callers pass ``min(accumulation, 2)``.
+
+    ``evaluation``: first the evaluation ``train()`` runs before step 1 (:func:`evaluate_once`
+    on ``eval_batch`` rows), whose freed blocks stay cached when the steps begin, as on the
+    GPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _recorded.add((cfg, micro_batch, recipe, target, max_grad_norm, cuda_capability, accumulation,
@@ -473,6 +508,9 @@ def record_fake(
             tracker.param_keys = {p.untyped_storage()._cdata for p in model.parameters()}
             _mark_regions(model, tracker)
             opt = make_optimizer(model, recipe)
+            if evaluation and cuda:  # its blocks are all freed: only a cache can keep them
+                tracker.set_phase("evaluate:0:0")
+                evaluate_once(model, eval_batch, precision=recipe.precision)
             batch = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.block_size + 1))
             run_steps(
                 model, opt, batch,
@@ -619,7 +657,23 @@ def replay(recording: Recording, sizes: tuple[int, ...] | None = None,
         phase_peaks=MappingProxyType({p: phase_peaks.get(p, 0) for p in PHASES}),
         reserved_bytes=reserved,
         overheads=MappingProxyType(overheads if cuda else {}),
+        allocator_requests=(lambda: allocator_requests(events, sizes)) if cuda else None,
     )
+
+
+def allocator_requests(events: tuple[tuple[Any, ...], ...],
+                       sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """A recording's allocator requests as ``CachingAllocatorSim(record=True)`` keeps them:
+    ``(serial, bytes)`` per allocation, ``(serial, -1)`` per free (for ``smallest_capacity``)."""
+    out: list[tuple[int, int]] = []
+    k = 0
+    for event in events:
+        if event[0] == "a":
+            out.append((event[1], sizes[k]))
+            k += 1
+        elif event[0] == "f":
+            out.append((event[1], -1))
+    return out
 
 
 # Steps are recorded at one GPU generation: another one's differs only in the cuBLAS

@@ -164,7 +164,11 @@ def verify_training(
 
     Returns:
         A dict of plain values: ``outcome`` ("fits" or "ran out of memory"), ``fits``,
-        ``predicted_allocated_bytes``/``predicted_reserved_bytes`` (``measure_step``),
+        ``predicted_allocated_bytes``/``predicted_reserved_bytes`` (``measure_step``; the
+        reserved peak uncapped), ``predicted_capped_reserved_bytes`` (the smallest cap the
+        planner's run fits under: what ``fits`` judges), ``predicted_fits`` (the planner's
+        verdict for the card, headroom kept), ``predicted_runs_under_cap`` (that need <= this
+        run's cap),
         ``measured_allocated_bytes``/``measured_reserved_bytes`` (the run's peaks),
         ``allocated_error``/``reserved_error`` (predicted / measured - 1), ``context_bytes``
         (used for the cap), ``context_after_bytes`` (measured after the run), ``cap_bytes``,
@@ -256,7 +260,11 @@ def verify_training(
         "baseline_allocated_bytes": baseline,
         "predicted_allocated_bytes": report.peak_bytes,
         "predicted_reserved_bytes": report.reserved_bytes,
+        "predicted_capped_reserved_bytes": report.capped_reserved_bytes,
+        # the planner's own verdict (its headroom kept) and whether it expects this very cap
+        # (no headroom) to hold the run: both on what the run needs under a cap
         "predicted_fits": report.fits(card_gib),
+        "predicted_runs_under_cap": report.capped_reserved_bytes <= int(fraction * total),
         "accumulation_modelled": accumulation_modelled,
         "measured_allocated_bytes": allocated,
         "measured_reserved_bytes": reserved,

@@ -54,6 +54,15 @@ def format_result(r: dict[str, Any]) -> str:
         pred, meas = r[f"predicted_{what}_bytes"], r[f"measured_{what}_bytes"]
         lines.append(f"max_memory_{what}: predicted {_mib(pred)} MiB, measured {_mib(meas)} MiB "
                      f"({r[f'{what}_error']:+.1%})")
+    capped = r.get("predicted_capped_reserved_bytes")
+    if capped is not None:  # results from before the planner judged on it lack it
+        lines.append(
+            f"under a cap: the planner's run needs {_mib(capped)} MiB reserved (the smallest cap "
+            f"it fits under; the uncapped peak above can be larger): predicted to "
+            + ("run" if r["predicted_runs_under_cap"] else "run out of memory")
+            + f" under this cap of {_mib(r['cap_bytes'])} MiB; the plan says it "
+            + ("fits" if r["predicted_fits"] else "does not fit")
+            + f" a {r['card_gib']:g} GiB card with its headroom")
     if not r["accumulation_modelled"]:
         lines.append("note: this planner predicts one micro-batch; it does not model the "
                      "accumulation")
@@ -73,19 +82,21 @@ def format_result(r: dict[str, Any]) -> str:
 def format_plan_table(results: list[dict[str, Any]], tolerance: float = PLAN_TOLERANCE) -> str:
     """The plan rows of :func:`verify_plan` as a Markdown table."""
     lines = ["| recipe | micro x accum | predicted alloc MiB | measured alloc MiB | error | "
-             "predicted reserved MiB | measured reserved MiB | outcome | passed |",
-             "| :--- | :---: | ---: | ---: | ---: | ---: | ---: | :--- | :--- |"]
+             "predicted reserved MiB | measured reserved MiB | predicted need under a cap MiB | "
+             "outcome | passed |",
+             "| :--- | :---: | ---: | ---: | ---: | ---: | ---: | ---: | :--- | :--- |"]
     for r in results:
         shape = f"{r['micro_batch']} x {r['gradient_accumulation_steps']}"
         if "measured_allocated_bytes" not in r:  # not run, or failed before a measurement
             verdict = "-" if r["passed"] is None else "**NO**"
-            lines.append(f"| {r['recipe']} | {shape} | | | | | | {r['note']} | {verdict} |")
+            lines.append(f"| {r['recipe']} | {shape} | | | | | | | {r['note']} | {verdict} |")
             continue
         verdict = "yes" if r["passed"] else f"**NO**: {r['note']}"
         lines.append(
             f"| {r['recipe']} | {shape} | {_mib(r['predicted_allocated_bytes'])} | "
             f"{_mib(r['measured_allocated_bytes'])} | {r['allocated_error']:+.1%} | "
             f"{_mib(r['predicted_reserved_bytes'])} | {_mib(r['measured_reserved_bytes'])} | "
+            f"{_mib(capped) if (capped := r.get('predicted_capped_reserved_bytes')) else ''} | "
             f"{r['outcome']} | {verdict} |"
         )
     return "\n".join(lines)
