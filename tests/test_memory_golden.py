@@ -84,3 +84,39 @@ def test_replay_refuses_where_it_would_not_be_exact() -> None:
                   gradient_checkpointing=chunk_cfg.gradient_checkpointing, loss_chunk_size=256)
     c1, c2 = (record_fake(chunk_cfg, m, ckey, "cuda", 1.0, (8, 6), 1) for m in BASE_MICRO_BATCHES)
     assert at_micro_batch(c1, c2, 5) is None
+
+
+def test_plan_in_worker_processes_gives_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """plan(workers=2) records in two other Python processes and searches here on their
+    recordings: the same rows as recorded here, and no step recorded here."""
+    from lowvram.memory import plan, tracker
+
+    recipes = (DEFAULT_RECIPES[0], DEFAULT_RECIPES[3])  # one plain, one with a chunked loss
+    tracker.record_fake.cache_clear()
+    tracker._recorded.clear()
+    here = []
+
+    class Counting(tracker.StorageTracker):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            here.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tracker, "StorageTracker", Counting)
+    shipped = plan(DEMO, 4.0, 8, recipes, workers=2)
+    assert (len(here), tracker._shipped) == (0, {})
+    tracker.record_fake.cache_clear()
+    tracker._recorded.clear()
+    recorded = plan(DEMO, 4.0, 8, recipes, workers=1)
+    assert len(here) >= 2
+    assert shipped == recorded
+
+
+def test_plan_workers_must_be_a_positive_integer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowvram.memory import plan
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="workers="):
+            plan(DEMO, 4.0, 8, (), workers=bad)
+    monkeypatch.setenv("LOWVRAM_PLAN_WORKERS", "two")
+    with pytest.raises(ValueError, match="LOWVRAM_PLAN_WORKERS='two'"):
+        plan(DEMO, 4.0, 8, ())
