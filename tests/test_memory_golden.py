@@ -120,3 +120,24 @@ def test_plan_workers_must_be_a_positive_integer(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("LOWVRAM_PLAN_WORKERS", "two")
     with pytest.raises(ValueError, match="LOWVRAM_PLAN_WORKERS='two'"):
         plan(DEMO, 4.0, 8, ())
+
+
+@pytest.mark.parametrize("recipe", [Recipe("fp16", "fp16"), Recipe("fp32 loop", adamw_impl="loop")],
+                         ids=lambda r: r.name)
+def test_two_measured_micro_batches_give_a_third_by_replay(recipe: Recipe) -> None:
+    """measure_step at a micro-batch between or above two measured ones (not the bases) is
+    replayed from them: no new recording, and the bytes of its own recording."""
+    from lowvram.memory import tracker
+
+    tracker.record_fake.cache_clear()
+    assert not tracker._recorded  # cache_clear empties the keys measure_fake reads too
+    for m in (4, 7):
+        measure_step(DEMO, m, recipe)
+    recordings = tracker.record_fake.cache_info().misses
+    replayed = {m: measure_step(DEMO, m, recipe) for m in (5, 10)}
+    assert tracker.record_fake.cache_info().misses == recordings  # both replayed
+    for m, report in replayed.items():
+        args = _recording_args(DEMO, m, recipe, 1, "cuda", 1.0, (8, 6))
+        measured = replay(record_fake(*args))
+        assert dataclasses.replace(report, recipe=args[2], gradient_accumulation_steps=1) == measured
+    assert replayed[10].peak_bytes > replayed[5].peak_bytes

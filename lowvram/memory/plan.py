@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from lowvram.config import ModelConfig, get_preset
-from lowvram.memory import tracker
 from lowvram.memory.measure import check_accumulation, measure_step, measure_step_linear
 from lowvram.memory.report import (
     MAX_MICRO_BATCH,
@@ -31,6 +30,7 @@ from lowvram.memory.report import (
     reserve_bytes,
     usable_bytes,
 )
+from lowvram.memory.tracker import RECORDED_CAPABILITY, _recorded, _shipped, record_fake
 
 __all__ = ["DEFAULT_RECIPES", "AblationRow", "PlanRow", "ablation", "plan"]
 
@@ -168,7 +168,7 @@ def plan(
         else:
             accumulation = target_effective_batch // micro
             rows.append(PlanRow(recipe, micro, accumulation, target_effective_batch, report, most, cap))
-    tracker._shipped.clear()  # any the search here did not ask for (none, as it is the same search)
+    _shipped.clear()  # any the search here did not ask for (none, as it is the same search)
     return rows
 
 
@@ -197,13 +197,13 @@ def _search_recordings(model_config: ModelConfig, card_gib: float, target: int,
                        free_bytes: int | None) -> list[tuple[tuple[Any, ...], Any]]:
     """Run plan()'s search for ``recipes`` (in a worker process): the steps it recorded, as
     ``(record_fake's arguments, Recording)``, for the parent's memo."""
-    before = set(tracker._recorded)
+    before = set(_recorded)
     for recipe in recipes:
         search = _Search(model_config, recipe, card_gib, free_bytes, target)
         search.largest_divisor()
         if largest:
             search.largest_at_all(LARGEST_SEARCH_FACTOR * target)
-    return [(key, tracker.record_fake(*key)) for key in tracker._recorded - before]
+    return [(key, record_fake(*key)) for key in _recorded - before]
 
 
 def _record_in_workers(model_config: ModelConfig, card_gib: float, target: int,
@@ -230,7 +230,7 @@ def _record_in_workers(model_config: ModelConfig, card_gib: float, target: int,
                       "LOWVRAM_PLAN_WORKERS=1 to skip the attempt)", RuntimeWarning, stacklevel=3)
         return
     for pairs in results:
-        tracker._shipped.update(pairs)
+        _shipped.update(pairs)
 
 
 def _recorded_here(model_config: ModelConfig, recipe: Recipe, target: int) -> bool:
@@ -238,8 +238,8 @@ def _recorded_here(model_config: ModelConfig, recipe: Recipe, target: int) -> bo
     other steps are most likely memoised too: a worker would save nothing)."""
     from lowvram.memory.measure import _recording_args
 
-    key = _recording_args(model_config, target, recipe, 1, "cuda", 1.0, tracker.RECORDED_CAPABILITY)
-    return (*key, True) in tracker._recorded
+    key = _recording_args(model_config, target, recipe, 1, "cuda", 1.0, RECORDED_CAPABILITY)
+    return (*key, True) in _recorded
 
 
 def _run_worker(task: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], Any]]:
