@@ -141,3 +141,20 @@ def test_two_measured_micro_batches_give_a_third_by_replay(recipe: Recipe) -> No
         measured = replay(record_fake(*args))
         assert dataclasses.replace(report, recipe=args[2], gradient_accumulation_steps=1) == measured
     assert replayed[10].peak_bytes > replayed[5].peak_bytes
+
+
+def test_plan_takes_the_largest_divisor_below_the_target_when_it_fits() -> None:
+    """A chunked loss on a card where 16 x 1 does not fit and 8 x 2 does: the plan measures
+    those two steps and no line through a third (memory grows with the micro-batch)."""
+    from lowvram.memory import plan, reserve_bytes, tracker
+
+    chunked = DEFAULT_RECIPES[3]
+    need = {m: measure_step(DEMO, m, chunked, gradient_accumulation_steps=16 // m).reserved_bytes
+            for m in (16, 8)}
+    assert need[8] < need[16]
+    free = reserve_bytes(4.0) + (need[8] + need[16]) // 2
+    tracker.record_fake.cache_clear()
+    row = plan(DEMO, 4.0, 16, [chunked], free_bytes=free, workers=1)[0]
+    assert (row.micro_batch, row.accumulation) == (8, 2)
+    assert row.report == measure_step(DEMO, 8, chunked, gradient_accumulation_steps=2)
+    assert tracker.record_fake.cache_info().misses == 2  # 16 x 1 and 8 x 2, recorded once each

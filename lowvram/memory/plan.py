@@ -330,6 +330,11 @@ class _Search:
         below = divisors[:-1]
         if not below:
             return 0, None
+        # the largest candidate below the target: where it fits it is the answer (memory grows
+        # with the micro-batch), without the line's other point (with a chunked loss a step of
+        # its own; without one the line's steps are replays of the same two recordings)
+        if self.fits(below[-1]):
+            return below[-1], self.report(below[-1])
         line = self._line(2, (min(2, below[-1]), below[-1]))
         micro = self._confirm(below, line, self._accumulation)
         return (micro, self.report(micro)) if micro else (0, None)
