@@ -98,6 +98,8 @@ def test_planner_time_and_error(cli_run: tuple[dict, Path]) -> None:
     assert p["real_peak_bytes"] > 0 and p["estimated_peak_bytes"] > 0
     assert abs(p["relative_error"]) <= 0.01  # the planner's goal; the tracker is exact on a CPU
     assert positive(p["plan_s"]) and p["plan_measurements"] >= len(p["plan_rows"]) == 7
+    assert positive(p["plan_target_s"]) and p["plan_target_measurements"] >= 7
+    assert p["plan_workers"] >= 1
 
 
 def test_imports_and_lazy_transformers(cli_run: tuple[dict, Path]) -> None:

@@ -84,3 +84,77 @@ def test_replay_refuses_where_it_would_not_be_exact() -> None:
                   gradient_checkpointing=chunk_cfg.gradient_checkpointing, loss_chunk_size=256)
     c1, c2 = (record_fake(chunk_cfg, m, ckey, "cuda", 1.0, (8, 6), 1) for m in BASE_MICRO_BATCHES)
     assert at_micro_batch(c1, c2, 5) is None
+
+
+def test_plan_in_worker_processes_gives_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """plan(workers=2) records in two other Python processes and searches here on their
+    recordings: the same rows as recorded here, and no step recorded here."""
+    from lowvram.memory import plan, tracker
+
+    recipes = (DEFAULT_RECIPES[0], DEFAULT_RECIPES[3])  # one plain, one with a chunked loss
+    tracker.record_fake.cache_clear()
+    tracker._recorded.clear()
+    here = []
+
+    class Counting(tracker.StorageTracker):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            here.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tracker, "StorageTracker", Counting)
+    shipped = plan(DEMO, 4.0, 8, recipes, workers=2)
+    assert (len(here), tracker._shipped) == (0, {})
+    tracker.record_fake.cache_clear()
+    tracker._recorded.clear()
+    recorded = plan(DEMO, 4.0, 8, recipes, workers=1)
+    assert len(here) >= 2
+    assert shipped == recorded
+
+
+def test_plan_workers_must_be_a_positive_integer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowvram.memory import plan
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="workers="):
+            plan(DEMO, 4.0, 8, (), workers=bad)
+    monkeypatch.setenv("LOWVRAM_PLAN_WORKERS", "two")
+    with pytest.raises(ValueError, match="LOWVRAM_PLAN_WORKERS='two'"):
+        plan(DEMO, 4.0, 8, ())
+
+
+@pytest.mark.parametrize("recipe", [Recipe("fp16", "fp16"), Recipe("fp32 loop", adamw_impl="loop")],
+                         ids=lambda r: r.name)
+def test_two_measured_micro_batches_give_a_third_by_replay(recipe: Recipe) -> None:
+    """measure_step at a micro-batch between or above two measured ones (not the bases) is
+    replayed from them: no new recording, and the bytes of its own recording."""
+    from lowvram.memory import tracker
+
+    tracker.record_fake.cache_clear()
+    assert not tracker._recorded  # cache_clear empties the keys measure_fake reads too
+    for m in (4, 7):
+        measure_step(DEMO, m, recipe)
+    recordings = tracker.record_fake.cache_info().misses
+    replayed = {m: measure_step(DEMO, m, recipe) for m in (5, 10)}
+    assert tracker.record_fake.cache_info().misses == recordings  # both replayed
+    for m, report in replayed.items():
+        args = _recording_args(DEMO, m, recipe, 1, "cuda", 1.0, (8, 6))
+        measured = replay(record_fake(*args))
+        assert dataclasses.replace(report, recipe=args[2], gradient_accumulation_steps=1) == measured
+    assert replayed[10].peak_bytes > replayed[5].peak_bytes
+
+
+def test_plan_takes_the_largest_divisor_below_the_target_when_it_fits() -> None:
+    """A chunked loss on a card where 16 x 1 does not fit and 8 x 2 does: the plan measures
+    those two steps and no line through a third (memory grows with the micro-batch)."""
+    from lowvram.memory import plan, reserve_bytes, tracker
+
+    chunked = DEFAULT_RECIPES[3]
+    need = {m: measure_step(DEMO, m, chunked, gradient_accumulation_steps=16 // m).reserved_bytes
+            for m in (16, 8)}
+    assert need[8] < need[16]
+    free = reserve_bytes(4.0) + (need[8] + need[16]) // 2
+    tracker.record_fake.cache_clear()
+    row = plan(DEMO, 4.0, 16, [chunked], free_bytes=free, workers=1)[0]
+    assert (row.micro_batch, row.accumulation) == (8, 2)
+    assert row.report == measure_step(DEMO, 8, chunked, gradient_accumulation_steps=2)
+    assert tracker.record_fake.cache_info().misses == 2  # 16 x 1 and 8 x 2, recorded once each

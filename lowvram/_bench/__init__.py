@@ -41,9 +41,9 @@ is a ratio of two things measured next to each other:
    A profiled step says how much of the time the matmuls take. Goal: >= 0.70 on the mid-size model.
 3. **Memory planner.** ``lowvram.memory.measure_step`` on the rtx2050 config (fp32, CUDA target):
    its run time, and its CPU-target peak against the real CPU allocator (``real_cpu_peaks``) on
-   a model small enough to train for real, and the whole plan (``plan(..., largest=True)``,
-   what ``python -m lowvram.memory --plan`` runs) from an empty memo. Goals: <= 5 s each (a
-   plan is interactive), within 1 % of the real allocator.
+   a model small enough to train for real, notebook 25_2's plan (``plan(...)``) and the whole
+   plan (``plan(..., largest=True)``, what ``python -m lowvram.memory --plan`` runs), each from
+   an empty memo. Goals: <= 5 s each (a plan is interactive), within 1 % of the real allocator.
 4. **Notebooks.** ``pytest --nbval`` of each numbered notebook, one subprocess each.
 5. **Import cost.** ``import lowvram`` and ``import lowvram.train`` on top of torch + accelerate in
    a fresh interpreter, and whether transformers was imported (it should be only when the LR

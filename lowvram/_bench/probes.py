@@ -43,9 +43,19 @@ def planner_bench(
         t0 = time.perf_counter()
         report = memory.measure_step(planner_model, micro_batch, "no", target="cuda")
         times.append(time.perf_counter() - t0)
-    # the whole plan, as `python -m lowvram.memory --plan` runs it (4 GiB, effective batch 16,
-    # the largest-that-fits search), from an empty memo: the learner's wait
-    memory._measure_cached.cache_clear()
+    # the plan as notebook 25_2 makes it (4 GiB, effective batch 16), then the whole plan as
+    # `python -m lowvram.memory --plan` runs it (also the largest-that-fits search), each from
+    # an empty memo: the learner's wait
+    from lowvram.memory import tracker
+    from lowvram.memory.plan import DEFAULT_RECIPES, _worker_count
+
+    workers = _worker_count(None, len(DEFAULT_RECIPES))
+    _forget_recordings(memory, tracker)
+    t0 = time.perf_counter()
+    memory.plan(planner_model, 4.0, 16)
+    plan_target_s = time.perf_counter() - t0
+    plan_target_measurements = memory._measure_cached.cache_info().misses
+    _forget_recordings(memory, tracker)
     t0 = time.perf_counter()
     rows = memory.plan(planner_model, 4.0, 16, largest=True)
     plan_s = time.perf_counter() - t0
@@ -66,6 +76,9 @@ def planner_bench(
         "plan_s": plan_s,  # plan(planner_model, 4 GiB, 16, largest=True) from an empty memo
         "plan_measurements": plan_measurements,  # fake-tensor steps it measured (any size)
         "plan_rows": [(r.recipe.name, r.micro_batch, r.accumulation) for r in rows],
+        "plan_target_s": plan_target_s,  # plan(planner_model, 4 GiB, 16): notebook 25_2's cell
+        "plan_target_measurements": plan_target_measurements,
+        "plan_workers": workers,  # recording processes plan() used (1: none, it recorded here)
         "real_model": dataclasses.asdict(real_model),
         "real_micro_batch": real_micro_batch,
         "real_peak_bytes": real_peak,
@@ -73,6 +86,13 @@ def planner_bench(
         "relative_error": (estimate.peak_bytes - real_peak) / real_peak,
         "real_run_s": real_s,
     }
+
+
+def _forget_recordings(memory: Any, tracker: Any) -> None:
+    """Empty the planner's memo of recorded steps (and its hint of what it holds, which plan()
+    reads to skip its worker processes)."""
+    memory._measure_cached.cache_clear()
+    tracker._recorded.clear()
 
 
 # --------------------------------------------------------------------------- subprocesses

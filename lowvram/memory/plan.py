@@ -8,8 +8,17 @@ Import these names from ``lowvram.memory``. Layer 5 of the package: it imports `
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from lowvram.config import ModelConfig, get_preset
 from lowvram.memory.measure import check_accumulation, measure_step, measure_step_linear
@@ -21,10 +30,12 @@ from lowvram.memory.report import (
     reserve_bytes,
     usable_bytes,
 )
+from lowvram.memory.tracker import RECORDED_CAPABILITY, _recorded, _shipped, record_fake
 
 __all__ = ["DEFAULT_RECIPES", "AblationRow", "PlanRow", "ablation", "plan"]
 
 LARGEST_SEARCH_FACTOR = 8  # plan(largest=True) looks up to 8 x the target micro-batch
+MAX_WORKERS = 4  # plan()'s recording processes at most (each holds torch: ~0.5 GB of RAM)
 
 DEFAULT_RECIPES = (
     Recipe("fp32 (lesson baseline)", tie_embeddings=False, gradient_checkpointing=False),
@@ -111,6 +122,7 @@ def plan(
     *,
     largest: bool = False,
     free_bytes: int | None = None,
+    workers: int | None = None,
 ) -> list[PlanRow]:
     """For each recipe, the largest micro-batch that divides ``target_effective_batch`` and fits
     the card inside the headroom (:meth:`MemoryReport.fits`), each candidate measured with its
@@ -126,6 +138,13 @@ def plan(
     (:func:`~lowvram.memory.measure.measure_step_linear`); a line through two of them predicts
     the answer, and the answer and the next one up are checked (:class:`_Search`). With a
     chunked loss (ops that grow with the micro-batch) those checks are measured steps.
+
+    ``workers``: record the recipes' steps in that many Python processes at once (each recipe's
+    recordings are independent of the others'); the search then runs here on their recordings,
+    so the rows are the same to the byte. Default: 1 (here, one recipe after another) on a
+    machine with 2 cores or fewer, else up to ``MAX_WORKERS`` (one core left free); the
+    environment variable ``LOWVRAM_PLAN_WORKERS`` overrides the default. If the processes
+    fail, a warning says why and the steps are recorded here.
     """
     check_card(card_gib)
     ok = isinstance(target_effective_batch, int) and not isinstance(target_effective_batch, bool)
@@ -134,6 +153,8 @@ def plan(
             f"target_effective_batch={target_effective_batch!r} is not allowed: it must be an "
             f"integer in [1, {MAX_MICRO_BATCH}], e.g. 16"
         )
+    _record_in_workers(model_config, card_gib, target_effective_batch, recipes, largest, free_bytes,
+                       _worker_count(workers, len(recipes)))
     rows = []
     for recipe in recipes:
         search = _Search(model_config, recipe, card_gib, free_bytes, target_effective_batch)
@@ -147,7 +168,95 @@ def plan(
         else:
             accumulation = target_effective_batch // micro
             rows.append(PlanRow(recipe, micro, accumulation, target_effective_batch, report, most, cap))
+    _shipped.clear()  # any the search here did not ask for (none, as it is the same search)
     return rows
+
+
+def _worker_count(workers: int | None, tasks: int) -> int:
+    """How many recording processes plan() starts (1: none, it records here)."""
+    if workers is None:
+        env = os.environ.get("LOWVRAM_PLAN_WORKERS", "").strip()
+        if env:
+            if not env.isdigit() or int(env) < 1:
+                raise ValueError(f"LOWVRAM_PLAN_WORKERS={env!r} is not allowed: it must be a "
+                                 "positive integer (1: record in this process)")
+            workers = int(env)
+        else:
+            cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count() or 1)  # fmt: skip
+            workers = 1 if cores <= 2 else min(cores - 1, MAX_WORKERS)
+    ok = isinstance(workers, int) and not isinstance(workers, bool)
+    if not (ok and workers >= 1):
+        raise ValueError(f"workers={workers!r} is not allowed: it must be a positive integer "
+                         "(1: record in this process), or None for the machine's default")
+    return min(workers, tasks)
+
+
+def _search_recordings(model_config: ModelConfig, card_gib: float, target: int,
+                       recipes: Sequence[Recipe], largest: bool,
+                       free_bytes: int | None) -> list[tuple[tuple[Any, ...], Any]]:
+    """Run plan()'s search for ``recipes`` (in a worker process): the steps it recorded, as
+    ``(record_fake's arguments, Recording)``, for the parent's memo."""
+    before = set(_recorded)
+    for recipe in recipes:
+        search = _Search(model_config, recipe, card_gib, free_bytes, target)
+        search.largest_divisor()
+        if largest:
+            search.largest_at_all(LARGEST_SEARCH_FACTOR * target)
+    return [(key, record_fake(*key)) for key in _recorded - before]
+
+
+def _record_in_workers(model_config: ModelConfig, card_gib: float, target: int,
+                       recipes: Sequence[Recipe], largest: bool, free_bytes: int | None,
+                       workers: int) -> None:
+    """Record the recipes' steps in ``workers`` processes (``python -m
+    lowvram.memory._plan_worker``: a fresh interpreter, so it works in a Jupyter kernel and in a
+    script without a ``__main__`` guard) and hand their recordings to ``record_fake``'s memo.
+    Nothing to do for 1 worker, or when the recipes' steps were recorded here already."""
+    if workers < 2:
+        return
+    todo = [r for r in recipes if not _recorded_here(model_config, r, target)]
+    if len(todo) < 2:
+        return
+    groups = [todo[i::workers] for i in range(min(workers, len(todo)))]
+    try:
+        with ThreadPoolExecutor(len(groups)) as pool:
+            results = list(pool.map(
+                lambda group: _run_worker((model_config, card_gib, target, group, largest, free_bytes)),
+                groups))  # fmt: skip
+    except Exception as e:  # noqa: BLE001 -- any failure: record here instead, and say why
+        warnings.warn(f"plan(): recording in {len(groups)} worker processes failed ({e}); "
+                      "recording here instead, one recipe after another (set "
+                      "LOWVRAM_PLAN_WORKERS=1 to skip the attempt)", RuntimeWarning, stacklevel=3)
+        return
+    for pairs in results:
+        _shipped.update(pairs)
+
+
+def _recorded_here(model_config: ModelConfig, recipe: Recipe, target: int) -> bool:
+    """Whether this process recorded the recipe's first step of the search (then the search's
+    other steps are most likely memoised too: a worker would save nothing)."""
+    from lowvram.memory.measure import _recording_args
+
+    key = _recording_args(model_config, target, recipe, 1, "cuda", 1.0, RECORDED_CAPABILITY)
+    return (*key, True) in _recorded
+
+
+def _run_worker(task: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], Any]]:
+    root = str(Path(__file__).resolve().parents[2])  # the folder that holds lowvram/
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    with tempfile.TemporaryDirectory(prefix="lowvram-plan-") as tmp:
+        task_path, out_path = Path(tmp, "task.pkl"), Path(tmp, "out.pkl")
+        task_path.write_bytes(pickle.dumps(task))
+        done = subprocess.run(
+            [sys.executable, "-m", "lowvram.memory._plan_worker", str(task_path), str(out_path)],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0 or not out_path.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"exit status {done.returncode}: {tail[0]}")
+        return pickle.loads(out_path.read_bytes())
 
 
 class _Search:
@@ -221,6 +330,11 @@ class _Search:
         below = divisors[:-1]
         if not below:
             return 0, None
+        # the largest candidate below the target: where it fits it is the answer (memory grows
+        # with the micro-batch), without the line's other point (with a chunked loss a step of
+        # its own; without one the line's steps are replays of the same two recordings)
+        if self.fits(below[-1]):
+            return below[-1], self.report(below[-1])
         line = self._line(2, (min(2, below[-1]), below[-1]))
         micro = self._confirm(below, line, self._accumulation)
         return (micro, self.report(micro)) if micro else (0, None)
