@@ -492,8 +492,9 @@ def record_fake(
 
     _recorded.add((cfg, micro_batch, recipe, target, max_grad_norm, cuda_capability, accumulation,
                    shortcut))
+    # plan()'s workers record with the default evaluation only (and plan() clears the rest)
     shipped = _shipped.pop((cfg, micro_batch, recipe, target, max_grad_norm, cuda_capability,
-                            accumulation, shortcut), None)
+                            accumulation, shortcut), None) if evaluation and eval_batch == EVAL_BATCH else None
     if shipped is not None:
         return shipped  # recorded by one of plan()'s worker processes: the same code, the same run
     cuda = target == "cuda"
