@@ -14,7 +14,8 @@ from lowvram.config import get_preset
 from lowvram.memory import Recipe, measure_step
 from lowvram.memory.measure import BASE_MICRO_BATCHES, _recording_args, measure_step_linear
 from lowvram.memory.plan import DEFAULT_RECIPES
-from lowvram.memory.tracker import record_fake, replay
+from lowvram.memory.replay import replay
+from lowvram.memory.tracker import record_fake
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "memory_golden.json").read_text())
 DEMO, _ = get_preset("cpu-demo")
@@ -68,7 +69,7 @@ def test_another_gpu_generation_replays_the_same_recording() -> None:
 def test_replay_refuses_where_it_would_not_be_exact() -> None:
     """A chunked loss (cpu-demo: 64 tokens a row, 256 a chunk: 1 chunk at 2 and 3 rows, 2 at 5)
     and a micro-batch below the recorded ones are measured, not replayed."""
-    from lowvram.memory.tracker import at_micro_batch
+    from lowvram.memory.replay import at_micro_batch
 
     chunked = Recipe("", "fp16", loss_chunk_size=256)
     assert measure_step_linear(DEMO, 5, chunked) == measure_step(DEMO, 5, chunked)

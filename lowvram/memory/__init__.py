@@ -83,8 +83,9 @@ attention kernels' scratch buffers during backward (a few MiB, transient); dropo
 high); other processes and the display on the same GPU (that is
 what the reserve is for).
 
-The package is one-way: ``_allocator`` -> ``report`` -> ``tracker`` -> ``measure`` -> ``plan`` ->
-``show`` -> ``real`` -> ``cli``; each module imports only those before it, and this face only
+The package is one-way: ``_allocator`` -> ``report`` -> ``replay`` -> ``tracker`` -> ``measure`` ->
+``plan`` -> ``show`` -> ``real`` -> ``cli`` (and ``_plan_worker``, plan()'s worker processes, over
+``plan``); each module imports only those before it, and this face only
 re-exports them.
 """
 
