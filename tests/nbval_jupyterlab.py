@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -67,6 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
     (root / "kernels" / KERNEL_NAME / "kernel.json").write_text(json.dumps(kernel_spec()))
     os.environ["JUPYTER_PATH"] = os.pathsep.join(
         p for p in (str(root), os.environ.get("JUPYTER_PATH", "")) if p)
+    config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))  # after the kernels stop
 
     # nbval coalesces the fresh outputs first in each cell's runtest, whether or not it compares
     # them: keep that first result, the only way to see an ignored cell's outputs
