@@ -27,8 +27,6 @@ from lowvram.memory.report import (
     MemoryReport,
     Recipe,
     check_card,
-    reserve_bytes,
-    usable_bytes,
 )
 from lowvram.memory.tracker import RECORDED_CAPABILITY, _recorded, _shipped, record_fake
 
@@ -270,9 +268,6 @@ class _Search:
         self.model_config, self.recipe, self.target = model_config, recipe, target
         self.card_gib, self.free_bytes = card_gib, free_bytes
         self.measured: dict[tuple[int, int], MemoryReport] = {}
-        # fits: reserved <= free - reserve (free given), else total <= card - reserve
-        self.limit = (free_bytes - reserve_bytes(card_gib) if free_bytes is not None
-                      else usable_bytes(card_gib))  # fmt: skip
 
     def _accumulation(self, micro: int) -> int:
         return max(1, self.target // micro) if micro <= self.target else 1
