@@ -1,6 +1,8 @@
 """``measure_step``: the memory of one optimizer step of ``train()``, measured on fake tensors.
 
-Import it from ``lowvram.memory``. Layer 4 of the package: it imports ``report`` and ``tracker``.
+Import it from ``lowvram.memory``. Layer 5 of the package: it imports ``report``, ``replay`` and
+``tracker``, and chooses between recording a step (``tracker.record_fake``) and replaying another
+micro-batch's recording (:func:`measure_fake`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from lowvram.config import ModelConfig
+from lowvram.memory.replay import replay, sizes_at, with_workspace, workspace_bytes
 from lowvram.memory.report import (
     RTX2050_CAPABILITY,
     TARGETS,
@@ -17,9 +20,19 @@ from lowvram.memory.report import (
     check_choice,
     check_micro_batch,
 )
-from lowvram.memory.tracker import BASE_MICRO_BATCHES, measure_fake
+from lowvram.memory.tracker import _recorded, record_fake
 
-__all__ = ["BASE_MICRO_BATCHES", "check_accumulation", "measure_step", "measure_step_linear", "recipe_of"]
+__all__ = [
+    "BASE_MICRO_BATCHES", "RECORDED_CAPABILITY", "check_accumulation", "measure_fake", "measure_step",
+    "measure_step_linear", "recipe_of",
+]
+
+# Steps are recorded at one GPU generation: another one's differs only in the cuBLAS
+# workspace's bytes (with_workspace), so it replays the same recording.
+RECORDED_CAPABILITY = (8, 6)
+# Two micro-batches recorded once per step; every other micro-batch's report follows exactly
+# (sizes_at). Not 1: a batch of one takes other paths (views that need no copy).
+BASE_MICRO_BATCHES = (2, 3)
 
 
 def recipe_of(recipe: Recipe | str | None, options: dict[str, Any]) -> Recipe:
@@ -53,6 +66,7 @@ def measure_step(
     target: str = "cuda",
     max_grad_norm: float | None = 1.0,
     cuda_capability: tuple[int, int] = RTX2050_CAPABILITY,
+    _linear: bool = False,
     **options: Any,
 ) -> MemoryReport:
     """Measure a steady optimizer step of ``train()`` on ``GPTModel(model_config)`` (no GPU
@@ -71,39 +85,27 @@ def measure_step(
             "cpu" reports the CPU allocator's numbers (what the tests check).
         max_grad_norm: clip gradients as ``train()`` does (None: no clipping).
         cuda_capability: the GPU's compute capability: it sets the cuBLAS workspace size.
+        _linear: private (:func:`measure_step_linear`): always replay from the bases.
         **options: :class:`Recipe` fields that override ``recipe``'s, e.g. ``precision="fp16"``.
     """
     recipe = recipe_of(recipe, options)
     args = _recording_args(model_config, micro_batch, recipe, gradient_accumulation_steps, target,
                            max_grad_norm, cuda_capability)
-    report = measure_fake(*args)
+    report = measure_fake(*args, linear=_linear)
     return dataclasses.replace(report, recipe=recipe,
                                gradient_accumulation_steps=gradient_accumulation_steps)
 
 
-def measure_step_linear(
-    model_config: ModelConfig,
-    micro_batch: int,
-    recipe: Recipe | str | None = None,
-    *,
-    gradient_accumulation_steps: int = 1,
-    target: str = "cuda",
-    max_grad_norm: float | None = 1.0,
-    cuda_capability: tuple[int, int] = RTX2050_CAPABILITY,
-    **options: Any,
-) -> MemoryReport:
+def measure_step_linear(model_config: ModelConfig, micro_batch: int,
+                        recipe: Recipe | str | None = None, **kwargs: Any) -> MemoryReport:
     """:func:`measure_step`'s report, the same to the byte, computed from two recorded steps at
     :data:`BASE_MICRO_BATCHES` (every allocation's bytes are linear in the micro-batch, the ops
     the same): after those two, any micro-batch costs a replay (milliseconds) instead of a
     fake-tensor step (seconds). Where that is not exact (a chunked loss, a micro-batch below
     the bases) it measures the step itself. What :func:`lowvram.memory.plan` searches with;
-    ``tests/test_memory_golden.py`` holds it against measured steps."""
-    recipe = recipe_of(recipe, options)
-    args = _recording_args(model_config, micro_batch, recipe, gradient_accumulation_steps, target,
-                           max_grad_norm, cuda_capability)
-    report = measure_fake(*args, linear=True)
-    return dataclasses.replace(report, recipe=recipe,
-                               gradient_accumulation_steps=gradient_accumulation_steps)
+    ``tests/test_memory_golden.py`` holds it against measured steps. Takes
+    :func:`measure_step`'s arguments."""
+    return measure_step(model_config, micro_batch, recipe, _linear=True, **kwargs)
 
 
 def _recording_args(
@@ -122,3 +124,49 @@ def _recording_args(
     # any accumulation >= 2 has the same peak: the 2nd micro-batch's state repeats
     return (cfg, micro_batch, key, target, max_grad_norm, tuple(cuda_capability),
             min(gradient_accumulation_steps, 2))
+
+
+def measure_fake(
+    cfg: ModelConfig,
+    micro_batch: int,
+    recipe: Recipe,
+    target: str,
+    max_grad_norm: float | None,
+    cuda_capability: tuple[int, int],
+    accumulation: int = 1,
+    shortcut: bool = True,
+    *,
+    linear: bool = False,
+) -> MemoryReport:
+    """The report of the step :func:`record_fake` records, from its recording or, where that
+    is exact (:func:`sizes_at`), replayed from the recordings at :data:`BASE_MICRO_BATCHES`:
+    always with ``linear=True`` (what the planner's search uses), else when those two are
+    recorded already. The same bytes either way; a replay costs milliseconds, a recording
+    seconds."""
+    args = (recipe, target, max_grad_norm, RECORDED_CAPABILITY, accumulation, shortcut)
+    sizes = None
+    pair = _replay_pair(cfg, micro_batch, args, linear) if shortcut and not cfg.loss_chunk_size else None
+    if pair is not None:
+        recording, second = (record_fake(cfg, m, *args) for m in pair)
+        sizes = sizes_at(recording, second, micro_batch)
+    if sizes is None:
+        recording = record_fake(cfg, micro_batch, *args)
+        sizes = recording.sizes
+    if target == "cuda":
+        sizes = with_workspace(recording, sizes, workspace_bytes(cuda_capability))
+    return replay(recording, sizes, micro_batch)
+
+
+def _replay_pair(cfg: ModelConfig, micro_batch: int, args: tuple[Any, ...],
+                 linear: bool) -> tuple[int, int] | None:
+    """The two recorded micro-batches (>= 2) that :func:`measure_fake` replays ``micro_batch``
+    from (:func:`sizes_at`), or None: record it. With ``linear``, or where both are recorded,
+    :data:`BASE_MICRO_BATCHES`; else, where this micro-batch is not recorded itself, the two
+    smallest recorded ones (the smaller below it): a notebook that measures 4, 8 and 16 records
+    two steps, not three. The same bytes as its own recording (tests/test_memory_golden.py)."""
+    if micro_batch <= max(BASE_MICRO_BATCHES) or (cfg, micro_batch, *args) in _recorded and not linear:
+        return None  # a base itself, or below them (a batch of 1 takes other paths), or recorded
+    if linear or all((cfg, m, *args) in _recorded for m in BASE_MICRO_BATCHES):
+        return BASE_MICRO_BATCHES
+    recorded = sorted(key[1] for key in _recorded if key[0] == cfg and key[2:] == args and key[1] >= 2)
+    return (recorded[0], recorded[1]) if len(recorded) >= 2 and recorded[0] < micro_batch else None

@@ -1,8 +1,8 @@
 """The planner and the ablation: which micro-batch and accumulation fit a card, and what each
 memory option saves.
 
-Import these names from ``lowvram.memory``. Layer 5 of the package: it imports ``report`` and
-``measure``.
+Import these names from ``lowvram.memory``. Layer 6 of the package: it imports ``report``,
+``tracker`` (the memo its worker processes fill) and ``measure``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from lowvram.config import ModelConfig, get_preset
-from lowvram.memory.measure import check_accumulation, measure_step, measure_step_linear
+from lowvram.memory.measure import (
+    RECORDED_CAPABILITY,
+    check_accumulation,
+    measure_step,
+    measure_step_linear,
+)
 from lowvram.memory.report import (
     MAX_MICRO_BATCH,
     MemoryReport,
     Recipe,
     check_card,
 )
-from lowvram.memory.tracker import RECORDED_CAPABILITY, _recorded, _shipped, record_fake
+from lowvram.memory.tracker import _recorded, _shipped, record_fake
 
 __all__ = ["DEFAULT_RECIPES", "AblationRow", "PlanRow", "ablation", "plan"]
 

@@ -25,13 +25,12 @@ from torch.utils._pytree import tree_leaves
 
 from lowvram.config import ModelConfig, TrainConfig
 from lowvram.memory._allocator import CachingAllocatorSim
-from lowvram.memory.replay import Recording, replay, sizes_at, with_workspace, workspace_bytes
-from lowvram.memory.report import MemoryReport, Recipe
+from lowvram.memory.replay import Recording, replay, workspace_bytes
+from lowvram.memory.report import Recipe
 from lowvram.model import GPTModel, chunked_cross_entropy
 
 __all__ = [
-    "StorageTracker", "make_optimizer", "measure_fake", "record_fake", "run_steps",
-    "BASE_MICRO_BATCHES", "RECORDED_CAPABILITY",
+    "StorageTracker", "make_optimizer", "record_fake", "run_steps",
 ]
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -328,7 +327,7 @@ def run_steps(
 
     ``as_train=False`` is the plain loop of the lesson's notebooks (no fp32 copy, no scaler).
 
-    ``shortcut=True`` (what ``measure_fake`` runs, with ``steps=2``): for accumulation >= 2 the
+    ``shortcut=True`` (what ``measure.measure_fake`` runs, with ``steps=2``): for accumulation >= 2 the
     1st step runs only its 1st micro-batch and keeps its gradients (no ``zero_grad``), and the
     2nd step only its last micro-batch, which so starts as every later micro-batch of a real
     step does: the gradients and the previous ``logits, loss`` alive, the AdamW state made.
@@ -524,7 +523,7 @@ _clear_memo = record_fake.cache_clear
 
 
 def _cache_clear() -> None:
-    """``record_fake.cache_clear``: its memo and :data:`_recorded`, the keys measure_fake reads."""
+    """``record_fake.cache_clear``: its memo and :data:`_recorded`, the keys ``measure.measure_fake`` reads."""
     _clear_memo()
     _recorded.clear()
 
@@ -550,61 +549,7 @@ def _in_order(events: list[tuple[Any, ...]]) -> tuple[tuple[Any, ...], ...]:
     return tuple(out + sorted(run))
 
 
-# Steps are recorded at one GPU generation: another one's differs only in the cuBLAS
-# workspace's bytes (with_workspace), so it replays the same recording.
-RECORDED_CAPABILITY = (8, 6)
-# Two micro-batches recorded once per step; every other micro-batch's report follows exactly
-# (sizes_at). Not 1: a batch of one takes other paths (views that need no copy).
-BASE_MICRO_BATCHES = (2, 3)
 _recorded: set[tuple[Any, ...]] = set()  # record_fake's keys (its memo's, as cache_clear empties both)
 # recordings made in plan()'s worker processes (plan._record_in_workers), by record_fake's
 # arguments: record_fake's memo takes each over at its first call
 _shipped: dict[tuple[Any, ...], Recording] = {}
-
-
-def measure_fake(
-    cfg: ModelConfig,
-    micro_batch: int,
-    recipe: Recipe,
-    target: str,
-    max_grad_norm: float | None,
-    cuda_capability: tuple[int, int],
-    accumulation: int = 1,
-    shortcut: bool = True,
-    *,
-    linear: bool = False,
-) -> MemoryReport:
-    """The report of the step :func:`record_fake` records, from its recording or, where that
-    is exact (:func:`sizes_at`), replayed from the recordings at :data:`BASE_MICRO_BATCHES`:
-    always with ``linear=True`` (what the planner's search uses), else when those two are
-    recorded already. The same bytes either way; a replay costs milliseconds, a recording
-    seconds."""
-    args = (recipe, target, max_grad_norm, RECORDED_CAPABILITY, accumulation, shortcut)
-    sizes = None
-    pair = _replay_pair(cfg, micro_batch, args, linear) if shortcut and not cfg.loss_chunk_size else None
-    if pair is not None:
-        recording, second = (record_fake(cfg, m, *args) for m in pair)
-        sizes = sizes_at(recording, second, micro_batch)
-    if sizes is None:
-        recording = record_fake(cfg, micro_batch, *args)
-        sizes = recording.sizes
-    if target == "cuda":
-        sizes = with_workspace(recording, sizes, workspace_bytes(cuda_capability))
-    return replay(recording, sizes, micro_batch)
-
-
-def _replay_pair(cfg: ModelConfig, micro_batch: int, args: tuple[Any, ...],
-                 linear: bool) -> tuple[int, int] | None:
-    """The two recorded micro-batches (>= 2) that :func:`measure_fake` replays ``micro_batch``
-    from (:func:`sizes_at`), or None: record it. With ``linear``, or where both are recorded,
-    :data:`BASE_MICRO_BATCHES`; else, where this micro-batch is not recorded itself, the two
-    smallest recorded ones (the smaller below it): a notebook that measures 4, 8 and 16 records
-    two steps, not three. The same bytes as its own recording (tests/test_memory_golden.py)."""
-    if micro_batch <= max(BASE_MICRO_BATCHES) or (cfg, micro_batch, *args) in _recorded and not linear:
-        return None  # a base itself, or below them (a batch of 1 takes other paths), or recorded
-    if linear or all((cfg, m, *args) in _recorded for m in BASE_MICRO_BATCHES):
-        return BASE_MICRO_BATCHES
-    recorded = sorted(key[1] for key in _recorded if key[0] == cfg and key[2:] == args and key[1] >= 2)
-    return (recorded[0], recorded[1]) if len(recorded) >= 2 and recorded[0] < micro_batch else None
-
-
