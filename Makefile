@@ -22,8 +22,9 @@ NB_ENV := PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES=
 # OpenMP threads then must sleep, not spin (libgomp's default), or a thread that waits for a
 # descheduled one burns the core that one needs (measured: a 10-step cpu-demo run took 97 s
 # instead of 10 s on 2 busy cores). It changes how threads wait, not how work is split: results
-# are bitwise the same.
-TEST_ENV := $(NB_ENV) OMP_WAIT_POLICY=PASSIVE
+# are bitwise the same. The tests record every memory step afresh: the planner's disk cache
+# (lowvram/memory/_diskcache.py) is off in them.
+TEST_ENV := $(NB_ENV) OMP_WAIT_POLICY=PASSIVE LOWVRAM_CACHE_DIR=off
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 # Other learners' CPUs, emulated on this one (PyTorch's and oneDNN's kernel choice, threads):
 # a laptop with no vector units, and an AVX2 laptop with more threads than this machine has.
@@ -65,7 +66,16 @@ $(DATA_STAMP): $(STAMP) lowvram/data.py lowvram/_datacache.py lowvram/corpus.py
 
 data: $(DATA_STAMP)
 
-lab: install data
+# The memory planner's steps of the lesson's model (25_2's plan(), `--plan`), recorded once into
+# its disk cache (~/.cache/lowvram/recordings), so that the notebook's plan takes a second, not
+# ~25 s; again only when lowvram's code changes (the cache is keyed on it).
+PLAN_STAMP := build/.plan-recorded
+$(PLAN_STAMP): $(STAMP) $(wildcard lowvram/*.py lowvram/*/*.py)
+	@echo "== recording the memory planner's steps of the rtx2050 model once (about a minute)"
+	$(PY) -m lowvram.memory --preset rtx2050 --plan > /dev/null
+	@mkdir -p build && touch $@
+
+lab: install data $(PLAN_STAMP)
 	cd notebooks && ../$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lint: install
@@ -146,4 +156,4 @@ constraints: install
 	mv constraints.new constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache $(NBPASS)
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(NBPASS) $(PLAN_STAMP)

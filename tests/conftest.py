@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -16,6 +17,10 @@ import lowvram.train
 from lowvram.config import ModelConfig, TrainConfig, get_preset
 from lowvram.data import random_rows
 from lowvram.precision import force_grad_scaler
+
+# Every test records its memory steps afresh (the planner's disk cache is off here, and in the
+# processes the tests start): the cache's own tests turn it on in a temporary folder.
+os.environ["LOWVRAM_CACHE_DIR"] = "off"
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL, TRAIN = get_preset("tiny")  # vocab 96, block 16, 2 x 2 x 32; batch 2 x accum 2

@@ -1,6 +1,6 @@
 """``measure_step``: the memory of one optimizer step of ``train()``, measured on fake tensors.
 
-Import it from ``lowvram.memory``. Layer 5 of the package: it imports ``report``, ``replay`` and
+Import it from ``lowvram.memory``. Layer 6 of the package: it imports ``report``, ``replay`` and
 ``tracker``, and chooses between recording a step (``tracker.record_fake``) and replaying another
 micro-batch's recording (:func:`measure_fake`).
 """

@@ -1,7 +1,7 @@
 """The planner and the ablation: which micro-batch and accumulation fit a card, and what each
 memory option saves.
 
-Import these names from ``lowvram.memory``. Layer 6 of the package: it imports ``report``,
+Import these names from ``lowvram.memory``. Layer 7 of the package: it imports ``report``,
 ``tracker`` (the memo its worker processes fill) and ``measure``.
 """
 

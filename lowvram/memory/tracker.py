@@ -1,9 +1,10 @@
 """How :mod:`lowvram.memory` measures a step: a storage tracker over fake tensors, the loop
 body of ``train()`` that it watches, and the stand-in for an 8-bit optimizer's state.
 
-Private: call ``lowvram.memory.measure_step``. Layer 4 of the package (``_allocator`` ->
-``report`` -> ``replay`` -> ``tracker`` -> ``measure`` -> ``plan`` -> ``show`` -> ``real`` ->
-``cli``); :mod:`lowvram.memory.replay` turns its recordings into reports. The model, optimizer
+Private: call ``lowvram.memory.measure_step``. Layer 5 of the package (``_allocator`` ->
+``report`` -> ``replay`` -> ``_diskcache`` -> ``tracker`` -> ``measure`` -> ``plan`` -> ``show``
+-> ``real`` -> ``cli``); :mod:`lowvram.memory.replay` turns its recordings into reports, and
+:mod:`lowvram.memory._diskcache` keeps them between processes. The model, optimizer
 and batch are fake tensors
 on the ``cpu`` device (``FakeTensorMode``: shapes and dtypes, no data, no arithmetic), and a
 ``TorchDispatchMode`` sees every ATen op of the step: it records each new untyped storage and,
@@ -25,6 +26,8 @@ from torch.utils._pytree import tree_leaves
 
 from lowvram.config import ModelConfig, TrainConfig
 from lowvram.memory._allocator import CachingAllocatorSim
+from lowvram.memory._diskcache import load as _load_stored
+from lowvram.memory._diskcache import store as _store
 from lowvram.memory.replay import Recording, replay, workspace_bytes
 from lowvram.memory.report import Recipe
 from lowvram.model import GPTModel, chunked_cross_entropy
@@ -457,6 +460,11 @@ def record_fake(
                             accumulation, shortcut), None) if evaluation and eval_batch == EVAL_BATCH else None
     if shipped is not None:
         return shipped  # recorded by one of plan()'s worker processes: the same code, the same run
+    args = (cfg, micro_batch, recipe, target, max_grad_norm, cuda_capability, accumulation,
+            shortcut, evaluation, eval_batch)
+    stored = _load_stored(args)
+    if stored is not None:
+        return stored  # recorded on this machine before, by this code and this torch
     cuda = target == "cuda"
     workspace = 0
     if cuda:
@@ -516,6 +524,7 @@ def record_fake(
     # the replay is the tracker's own bookkeeping done again: they must agree
     assert (report.peak_bytes, report.reserved_bytes if cuda else report.peak_bytes) == (
         tracker.peak, tracker.reserved_peak if cuda else tracker.peak)
+    _store(args, recording)
     return recording
 
 
