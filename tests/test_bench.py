@@ -100,6 +100,10 @@ def test_planner_time_and_error(cli_run: tuple[dict, Path]) -> None:
     assert positive(p["plan_s"]) and p["plan_measurements"] >= len(p["plan_rows"]) == 7
     assert positive(p["plan_target_s"]) and p["plan_target_measurements"] >= 7
     assert p["plan_workers"] >= 1
+    # the same plan again, its steps read from the disk cache the whole plan filled
+    assert positive(p["plan_target_disk_s"])
+    assert p["plan_target_disk_lookups"] == p["plan_target_measurements"]
+    assert p["plan_cli_disk_s"] is None  # the command line plans presets; this model is none
 
 
 def test_imports_and_lazy_transformers(cli_run: tuple[dict, Path]) -> None:

@@ -43,7 +43,9 @@ is a ratio of two things measured next to each other:
    its run time, and its CPU-target peak against the real CPU allocator (``real_cpu_peaks``) on
    a model small enough to train for real, notebook 25_2's plan (``plan(...)``) and the whole
    plan (``plan(..., largest=True)``, what ``python -m lowvram.memory --plan`` runs), each from
-   an empty memo. Goals: <= 5 s each (a plan is interactive), within 1 % of the real allocator.
+   an empty memo and the disk cache off; then both again with their steps in the disk cache
+   (the learner's second wait, and the first after ``make lab``). Goals: <= 5 s each (a plan is
+   interactive), within 1 % of the real allocator.
 4. **Notebooks.** ``pytest --nbval`` of each numbered notebook, one subprocess each.
 5. **Import cost.** ``import lowvram`` and ``import lowvram.train`` on top of torch + accelerate in
    a fresh interpreter, and whether transformers was imported (it should be only when the LR

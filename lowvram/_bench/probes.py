@@ -6,18 +6,21 @@ The method is in the package's docstring, items 3-5.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from lowvram._bench.paths import REPO
-from lowvram.config import ModelConfig
+from lowvram.config import ModelConfig, get_preset
 
 __all__ = ["import_cost", "notebook_times", "planner_bench"]
 
@@ -33,10 +36,37 @@ def planner_bench(
     repeats: int = 3,
 ) -> dict[str, Any]:
     """Run time of ``measure_step(planner_model, fp32, target="cuda")`` (cache cleared each
-    time), of the whole plan (``plan(..., largest=True)``, what ``--plan`` runs) and the
-    CPU-target peak's relative error against the real CPU allocator."""
+    time), of notebook 25_2's plan and of the whole plan (``plan(..., largest=True)``, what
+    ``--plan`` runs), each recorded afresh; of the same plans with their steps in the disk cache
+    (in this process, and ``--plan`` in a new one); and the CPU-target peak's relative error
+    against the real CPU allocator."""
     from lowvram import memory
 
+    with tempfile.TemporaryDirectory(prefix="lowvram-bench-") as tmp:
+        # every step recorded afresh (the disk cache off), except the whole plan's run, which
+        # fills a fresh cache folder for the two "from the disk" measurements after it
+        with _cache_dir("off"):
+            result = _planner_runs(memory, planner_model, micro_batch, real_model, real_micro_batch,
+                                   repeats, Path(tmp))
+        return result
+
+
+@contextlib.contextmanager
+def _cache_dir(value: str) -> Iterator[None]:
+    """``LOWVRAM_CACHE_DIR`` set to ``value`` for the block (the planner's disk cache)."""
+    old = os.environ.get("LOWVRAM_CACHE_DIR")
+    os.environ["LOWVRAM_CACHE_DIR"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LOWVRAM_CACHE_DIR"]
+        else:
+            os.environ["LOWVRAM_CACHE_DIR"] = old
+
+
+def _planner_runs(memory: Any, planner_model: ModelConfig, micro_batch: int, real_model: ModelConfig,
+                  real_micro_batch: int, repeats: int, cache: Path) -> dict[str, Any]:
     times = []
     for _ in range(repeats):
         memory._measure_cached.cache_clear()  # measure_step memoises its reports
@@ -57,9 +87,24 @@ def planner_bench(
     plan_target_measurements = memory._measure_cached.cache_info().misses
     _forget_recordings(memory, tracker)
     t0 = time.perf_counter()
-    rows = memory.plan(planner_model, 4.0, 16, largest=True)
+    with _cache_dir(str(cache)):  # (writing the recordings costs milliseconds)
+        rows = memory.plan(planner_model, 4.0, 16, largest=True)
     plan_s = time.perf_counter() - t0
     plan_measurements = memory._measure_cached.cache_info().misses
+    # the learner's second wait: the same plans with their recordings on disk, 25_2's cell in
+    # this process (its memo emptied) and `--plan` in a new one (imports included)
+    _forget_recordings(memory, tracker)
+    with _cache_dir(str(cache)):
+        t0 = time.perf_counter()
+        memory.plan(planner_model, 4.0, 16)
+        plan_target_disk_s = time.perf_counter() - t0
+        plan_target_disk_recorded = memory._measure_cached.cache_info().misses
+        cli_disk_s = None
+        if planner_model == get_preset("rtx2050")[0]:  # the command line plans a preset's model
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "lowvram.memory", "--preset", "rtx2050", "--plan"],
+                           capture_output=True, text=True, check=True, cwd=REPO)
+            cli_disk_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     real = memory.real_cpu_peaks(real_model, real_micro_batch, "no")
     real_s = time.perf_counter() - t0
@@ -79,6 +124,12 @@ def planner_bench(
         "plan_target_s": plan_target_s,  # plan(planner_model, 4 GiB, 16): notebook 25_2's cell
         "plan_target_measurements": plan_target_measurements,
         "plan_workers": workers,  # recording processes plan() used (1: none, it recorded here)
+        # with the recordings on disk (lowvram/memory/_diskcache.py): plan(..., 4 GiB, 16) in
+        # this process, its memo emptied, and `python -m lowvram.memory --preset rtx2050 --plan`
+        # in a new process (None: the planner model is not the preset's)
+        "plan_target_disk_s": plan_target_disk_s,
+        "plan_target_disk_lookups": plan_target_disk_recorded,  # memo misses: read from disk
+        "plan_cli_disk_s": cli_disk_s,
         "real_model": dataclasses.asdict(real_model),
         "real_micro_batch": real_micro_batch,
         "real_peak_bytes": real_peak,
