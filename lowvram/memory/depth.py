@@ -6,35 +6,37 @@ Private: call ``lowvram.memory.measure_step``. Layer 5 of the package (``_alloca
 ``real`` -> ``cli``): pure bookkeeping over a :class:`Recording`'s integers, no torch.
 
 Why: a fake-tensor recording costs FakeTensorMode's dispatch per op, and a step's ops grow
-with the depth (about 0.23 s + 0.12 s per layer on 2 cores; the lesson's 12 layers: 1.6 s).
+with the depth (about 0.23 s + 0.12 s per layer on 2 cores; the lesson's 12 layers: 1.7 s).
 Its events do too, and regularly: the step at ``L + 1`` layers is the step at ``L`` with one
 more copy of each per-layer stretch of events (each layer's forward, its backward, its
-parameters' clones, gradients, optimizer state and each foreach op's per-parameter lists:
-17 stretches for the course's GPT, 454 events). So two shallow recordings (1 and 2 layers)
-give the step at any depth: each stretch repeated once per layer, and each free's allocation
-found by how it depends on the layer, learnt from the pair.
+parameters' clones, gradients and optimizer state, and each foreach op's per-parameter
+lists: 454 events in 17 stretches for the course's GPT with fp16 and foreach AdamW). So two
+shallow recordings give the step at any depth: each stretch repeated once per layer, and
+each free's allocation found by how it depends on the layer, learnt from the pair. The first
+layer is not a copy of the others (it frees the embeddings' output, not a previous layer's),
+so the pair is 2 and 3 layers (each stretch of the middle layers once, then twice); with
+gradient checkpointing the last layer's backward is not either, so 3 and 4
+(``measure.shallow_depths``).
 
 Exact or nothing: anything the pair does not show to be regular (another kind of change than
-inserted stretches, stretches that are not repeats of a layer's block, a free whose
-allocation does not move with the layer by a rule that both recordings agree on, a free of
-something not alive, a run of frees out of serial order) makes it return None, and the caller
-records the deep step itself. ``tests/test_memory_depth.py`` holds the result against
-``record_fake``'s own deep recordings, field by field.
+inserted stretches and bytes that grow with the depth where an event occurs once, stretches
+that do not repeat, a free whose allocation does not move with the layer by one rule that
+both recordings agree on, a free of something not alive, a run of frees out of serial order,
+an allocation whose bytes differ between layers) makes it return None (:data:`refusal` says
+why), and the caller records the deep step itself. ``tests/test_memory_depth.py`` holds the
+result against ``record_fake``'s own deep recordings, field by field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 from typing import Any
 
 from lowvram.memory.replay import Recording
 
-__all__ = ["SHALLOW_DEPTHS", "synthesize_depth"]
-
-# the two depths recorded for a deeper model: every per-layer stretch shows up once in the
-# first and twice in the second (three observations of each free's rule, at two depths)
-SHALLOW_DEPTHS = (1, 2)
+__all__ = ["synthesize_depth"]
 
 refusal = ""  # why the last synthesize_depth returned None (for tests and debugging)
 
@@ -328,7 +330,7 @@ def synthesize_depth(first: Recording, second: Recording, n_layer: int) -> Recor
         if token is not None and not emit(token, ("s", j), ("s", j), 0):
             return _refuse("a free of something not alive")
     # runs of frees in serial order, as record_fake keeps them (tracker._in_order)
-    for previous, event in zip(events, events[1:]):
+    for previous, event in itertools.pairwise(events):
         if previous[0] == event[0] == "f" and previous[1] >= event[1]:
             return _refuse("a run of frees out of serial order")
     grown = second.num_parameters - first.num_parameters
