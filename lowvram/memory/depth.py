@@ -180,7 +180,8 @@ def _learn(observations: list[tuple[int, int, tuple[Any, ...]]], copies: dict[in
     and, where that is the copy before the first (-1) or after the last, the skeleton
     allocation ``below`` or ``above`` seen there: the first layer's forward is in the skeleton
     (it frees the embeddings' output where later layers free the previous layer's), and the
-    second layer frees its output. ``once``: the free is a skeleton event (s = 0)."""
+    second layer frees its output. Only a rule that moves with the layer (s != 0) has bounds,
+    each one allocation seen at both depths. ``once``: the free is a skeleton event (s = 0)."""
     if len({obs[2] for obs in observations}) == 1 and observations[0][2][0] == "s":
         return observations[0][2]
     fits = set()
@@ -193,18 +194,21 @@ def _learn(observations: list[tuple[int, int, tuple[Any, ...]]], copies: dict[in
                 continue
             d = name[2] - s * k0 - t * depth0
             bounds: dict[int, set[tuple[Any, ...]]] = {-1: set(), 1: set()}
+            seen: dict[int, set[int]] = {-1: set(), 1: set()}  # the depths each bound is seen at
             for depth, k, target in observations:
                 c = s * k + t * depth + d
                 n = copies[depth][r]
                 if 0 <= c < n:
                     if target != ("r", r, c, o):
                         break
-                elif c in (-1, n) and target[0] == "s":
+                elif s and c in (-1, n) and target[0] == "s":
                     bounds[-1 if c < 0 else 1].add(target)
+                    seen[-1 if c < 0 else 1].add(depth)
                 else:
                     break
             else:
-                if len(bounds[-1]) <= 1 and len(bounds[1]) <= 1:
+                # a bound is the layer next to the copies: one allocation, seen at both depths
+                if all(len(bounds[e]) <= 1 and len(seen[e]) in (0, 2) for e in (-1, 1)):
                     fits.add(("r", r, o, (s, t, d), *(next(iter(bounds[e]), None) for e in (-1, 1))))
     return fits.pop() if len(fits) == 1 else None  # none, or too few observations to choose
 
