@@ -101,7 +101,7 @@ def test_measure_step_on_the_lessons_model_gives_the_recorded_answers(case: dict
     recipe = Recipe("", **case["options"])
     args = _recording_args(RTX, case["micro_batch"], recipe, case["accumulation"], "cuda", 1.0,
                            (8, 6))
-    assert shallow_depths(args[0]) is not None
+    assert shallow_depths(args[0], case["micro_batch"]) is not None
     r = measure_step(RTX, case["micro_batch"], recipe,
                      gradient_accumulation_steps=case["accumulation"], target=case["target"])
     d = r.to_dict()
@@ -109,20 +109,20 @@ def test_measure_step_on_the_lessons_model_gives_the_recorded_answers(case: dict
 
 
 def test_plan_rows_are_the_same_with_and_without_synthesis(monkeypatch: pytest.MonkeyPatch) -> None:
-    """plan() on cpu-demo deepened to 7 layers (deep enough to synthesize), recording every
+    """plan() on cpu-demo deepened to 8 layers (deep enough to synthesize), recording every
     step at full depth and synthesizing them: the same rows, reports included."""
     from lowvram.memory import tracker
 
-    deep = dataclasses.replace(DEMO, n_layer=7)
+    deep = dataclasses.replace(DEMO, n_layer=8)
     recipes = (DEFAULT_RECIPES[1],)
-    assert shallow_depths(recipes[0].apply(deep)) == (2, 3)
+    assert shallow_depths(recipes[0].apply(deep), 4) == (2, 3)
     tracker.record_fake.cache_clear()
     synthesized = plan(deep, 4.0, 4, recipes, workers=1)
-    assert all(key[0].n_layer < 7 for key in tracker._recorded)  # nothing recorded at 7 layers
-    monkeypatch.setattr(measure, "shallow_depths", lambda cfg: None)
+    assert all(key[0].n_layer < 8 for key in tracker._recorded)  # nothing recorded at 8 layers
+    monkeypatch.setattr(measure, "shallow_depths", lambda cfg, micro_batch: None)
     recorded = plan(deep, 4.0, 4, recipes, workers=1)
     assert synthesized == recorded
-    assert any(key[0].n_layer == 7 for key in tracker._recorded)
+    assert any(key[0].n_layer == 8 for key in tracker._recorded)
 
 
 def test_an_irregular_pair_is_refused() -> None:

@@ -36,10 +36,14 @@ RECORDED_CAPABILITY = (8, 6)
 # A step of a deeper model is synthesized from its recordings at these two depths
 # (depth.synthesize_depth; gradient checkpointing's recomputation makes the last layer's
 # backward differ from the middle ones', so it needs a middle layer at each: 3 and 4), where
-# that costs less than recording it: a recording costs about 0.23 s + 0.12 s per layer
-# (2 cores), so from 2 * L + 3 layers on (the lesson's 12: 1.1 s instead of 1.7 s).
+# that costs less than recording it (shallow_depths).
 SHALLOW_DEPTHS = (2, 3)
 SHALLOW_DEPTHS_CHECKPOINTED = (3, 4)
+# A recording's cost in events (about 0.25 ms each on 2 cores), measured on rtx2050 with fp16:
+# about 450 per layer, 80 per chunk of a chunked loss (their number grows with the micro-batch,
+# and both shallow recordings have them all), and 1200 for the rest (the loop's other events,
+# and building the fake model and optimizer: about 0.25 s).
+_EVENTS_PER_LAYER, _EVENTS_PER_CHUNK, _EVENTS_FIXED = 450, 80, 1200
 # Two micro-batches recorded once per step; every other micro-batch's report follows exactly
 # (sizes_at). Not 1: a batch of one takes other paths (views that need no copy).
 BASE_MICRO_BATCHES = (2, 3)
@@ -167,11 +171,14 @@ def measure_fake(
     return replay(recording, sizes, micro_batch)
 
 
-def shallow_depths(cfg: ModelConfig) -> tuple[int, int] | None:
-    """The two depths :func:`recording_of` records ``cfg``'s steps at, or None: record them
-    at ``cfg``'s own depth (where that costs less)."""
+def shallow_depths(cfg: ModelConfig, micro_batch: int) -> tuple[int, int] | None:
+    """The two depths :func:`recording_of` records ``cfg``'s step at, or None: record it at
+    ``cfg``'s own depth, where that costs less than the two (a shallow model, or a chunked
+    loss of many chunks: rtx2050 synthesizes up to a micro-batch of 24, 13 with checkpointing)."""
     pair = SHALLOW_DEPTHS_CHECKPOINTED if cfg.gradient_checkpointing else SHALLOW_DEPTHS
-    return pair if cfg.n_layer >= 2 * pair[0] + 3 else None
+    chunks = -(-micro_batch * cfg.block_size // cfg.loss_chunk_size) if cfg.loss_chunk_size else 0
+    saved = _EVENTS_PER_LAYER * (cfg.n_layer - sum(pair))
+    return pair if saved > _EVENTS_FIXED + _EVENTS_PER_CHUNK * chunks else None
 
 
 def recording_of(cfg: ModelConfig, micro_batch: int, *args: Any) -> Recording:
@@ -179,7 +186,7 @@ def recording_of(cfg: ModelConfig, micro_batch: int, *args: Any) -> Recording:
     the same step recorded at :func:`shallow_depths` (``depth.synthesize_depth``: the same
     events, serials, sizes and classes), where the two shallow ones show the regular structure
     that makes that exact; else recorded at full depth."""
-    pair = shallow_depths(cfg)
+    pair = shallow_depths(cfg, micro_batch)
     if pair is not None:
         first, second = (record_fake(dataclasses.replace(cfg, n_layer=n), micro_batch, *args)
                          for n in pair)  # fmt: skip
@@ -199,7 +206,7 @@ def _available(cfg: ModelConfig, micro_batch: int, args: tuple[Any, ...]) -> boo
     """Whether :func:`recording_of` has this step's recordings already (no new recording)."""
     if (cfg, micro_batch, *args) in _recorded:
         return True
-    pair = shallow_depths(cfg)
+    pair = shallow_depths(cfg, micro_batch)
     return pair is not None and all(
         (dataclasses.replace(cfg, n_layer=n), micro_batch, *args) in _recorded for n in pair)
 
