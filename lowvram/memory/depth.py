@@ -81,10 +81,9 @@ def _shape(token: tuple[Any, ...]) -> tuple[Any, ...]:
 
 @dataclasses.dataclass
 class _Layout:
-    """A recording cut into its skeleton (events that occur once) and its regions (each a run
-    of ``copies`` equal stretches of ``width`` events, inserted before skeleton event
-    ``at``). ``slot[i]`` names event ``i``: ``("s", j)`` skeleton event j, ``("r", r, k, o)``
-    event o of copy k of region r."""
+    """A recording cut into its skeleton (the events that occur once) and its regions (each a
+    run of equal stretches, one per layer). ``slot[i]`` names event ``i``: ``("s", j)``
+    skeleton event j, ``("r", r, k, o)`` event o of copy k of region r."""
 
     skeleton: list[tuple[Any, ...]]
     slot: list[tuple[Any, ...]]
@@ -144,12 +143,12 @@ def _regions(a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> list[tuple[i
     return regions
 
 
-def _layout(tokens: list[tuple[Any, ...]], regions: list[tuple[int, int, int, int]]) -> _Layout:
-    """``tokens`` cut by ``regions`` (``(start, copies, width, _)`` in this recording)."""
+def _layout(tokens: list[tuple[Any, ...]], regions: list[tuple[int, int, int]]) -> _Layout:
+    """``tokens`` cut by ``regions`` (``(start, copies, width)`` in this recording)."""
     skeleton: list[tuple[Any, ...]] = []
     slot: list[tuple[Any, ...]] = [()] * len(tokens)
     i = 0
-    for r, (start, copies, width, _) in enumerate(regions):
+    for r, (start, copies, width) in enumerate(regions):
         while i < start:
             slot[i] = ("s", len(skeleton))
             skeleton.append(tokens[i])
@@ -240,8 +239,8 @@ def synthesize_depth(first: Recording, second: Recording, n_layer: int) -> Recor
     shift = 0
     for x, y, n in found:
         copies = (y - x) // n
-        b_regions.append((x, copies, n, 0))
-        a_regions.append((x - shift, copies - 1, n, 0))
+        b_regions.append((x, copies, n))
+        a_regions.append((x - shift, copies - 1, n))
         shift += n
     a, b = _layout(a_tokens, a_regions), _layout(b_tokens, b_regions)
     if [_shape(t) for t in a.skeleton] != [_shape(t) for t in b.skeleton]:
@@ -249,7 +248,7 @@ def synthesize_depth(first: Recording, second: Recording, n_layer: int) -> Recor
     starts: dict[int, list[int]] = {}  # skeleton index -> the regions inserted before it
     for i, r in enumerate(a_regions):
         starts.setdefault(r[0] - sum(x[2] * x[1] for x in a_regions[:i]), []).append(i)
-    region_tokens = [b_tokens[x:x + n] for x, _, n, _ in b_regions]
+    region_tokens = [b_tokens[x:x + n] for x, _, n in b_regions]
     extra = n_layer - c1.n_layer
     counts = {c1.n_layer: [r[1] for r in a_regions], c2.n_layer: [r[1] for r in b_regions],
               n_layer: [r[1] + extra for r in a_regions]}
