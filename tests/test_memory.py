@@ -591,8 +591,8 @@ def test_the_package_imports_one_way() -> None:
     import ast
     from pathlib import Path
 
-    order = ["_allocator", "report", "replay", "_diskcache", "tracker", "measure", "plan", "_plan_worker", "show", "real",
-             "cli"]
+    order = ["_allocator", "report", "replay", "_diskcache", "tracker", "depth", "measure", "plan",
+             "_plan_worker", "show", "real", "cli"]
     package = Path(memory.__file__).parent
     for i, name in enumerate(order):
         tree = ast.parse((package / f"{name}.py").read_text())

@@ -83,9 +83,14 @@ attention kernels' scratch buffers during backward (a few MiB, transient); dropo
 high); other processes and the display on the same GPU (that is
 what the reserve is for).
 
+A deep model's step (the lesson's 12 layers) is recorded at 2 and 3 layers and synthesized
+at its depth (``depth.py``: each layer's events repeated, each free's allocation by a rule learnt
+from the pair), the same recording to the serial, in about two thirds of the time; where the pair is not
+regular enough for that to be exact, the step is recorded at its depth.
+
 The package is one-way: ``_allocator`` -> ``report`` -> ``replay`` -> ``_diskcache`` -> ``tracker``
--> ``measure`` -> ``plan`` -> ``show`` -> ``real`` -> ``cli`` (and ``_plan_worker``, plan()'s
-worker processes, over ``plan``); each module imports only those before it, and this face only
+-> ``depth`` -> ``measure`` -> ``plan`` -> ``show`` -> ``real`` -> ``cli`` (and ``_plan_worker``,
+plan()'s worker processes, over ``plan``); each module imports only those before it, and this face only
 re-exports them.
 
 A step recorded once is kept on disk (``~/.cache/lowvram/recordings``, or

@@ -5,12 +5,13 @@ Private: :func:`lowvram.memory.tracker.record_fake` reads and writes it. Layer 4
 (``_allocator`` -> ``report`` -> ``replay`` -> ``_diskcache`` -> ``tracker`` -> ...): it stores
 :class:`~lowvram.memory.replay.Recording` objects and imports no torch at import time.
 
-Why a cache and not a faster recording: a recording is ~17,000 ATen ops through
-``FakeTensorMode`` at ~100 us each, 1.5-2 s for the lesson's 134M model on one core; a plan
-makes 13 of them. Its result depends only on the step's arguments, the torch version and
-lowvram's own code, so it is keyed on exactly those: any change to lowvram's source or another
-torch records afresh (the old entries are then never read, and the oldest code versions' folders
-are removed).
+Why a cache on top of a faster recording: a recording is every ATen op of the step through
+``FakeTensorMode`` at ~100 us each: 1.5-2 s for the lesson's 12-layer model on one core, or
+0.4-0.6 s at the 2 or 3 layers that :mod:`lowvram.memory.depth` builds it from; a plan still
+makes about 25 of those. A recording depends only on the step's arguments, the torch version
+and lowvram's own code, so it is keyed on exactly those: any change to lowvram's source or
+another torch records afresh (the old entries are then never read, and the oldest code
+versions' folders are removed).
 
 Where: ``$LOWVRAM_CACHE_DIR`` if set (empty, ``0`` or ``off``: no disk cache), else
 ``$XDG_CACHE_HOME/lowvram/recordings`` (``~/.cache/...``; ``%LOCALAPPDATA%`` on Windows). A

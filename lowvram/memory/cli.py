@@ -1,6 +1,6 @@
 """The command line of :mod:`lowvram.memory` (``python -m lowvram.memory --help``).
 
-Layer 10, the top of the package: it imports the layers below, never the package's face. The
+Layer 11, the top of the package: it imports the layers below, never the package's face. The
 options are the train command line's spellings (``--per-device-train-batch-size``,
 ``--gradient-accumulation-steps``, ``--mixed-precision``, ...); the older ``--micro-batch``,
 ``--precision``, ``--tie`` and ``--checkpointing`` stay as aliases.

@@ -1,17 +1,20 @@
 """``measure_step``: the memory of one optimizer step of ``train()``, measured on fake tensors.
 
-Import it from ``lowvram.memory``. Layer 6 of the package: it imports ``report``, ``replay`` and
-``tracker``, and chooses between recording a step (``tracker.record_fake``) and replaying another
-micro-batch's recording (:func:`measure_fake`).
+Import it from ``lowvram.memory``. Layer 7 of the package: it imports ``report``, ``replay``,
+``tracker`` and ``depth``, and chooses between recording a step (``tracker.record_fake``),
+synthesizing a deep model's recording from two shallow ones (``depth.synthesize_depth``) and
+replaying another micro-batch's recording (:func:`measure_fake`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 from typing import Any
 
 from lowvram.config import ModelConfig
-from lowvram.memory.replay import replay, sizes_at, with_workspace, workspace_bytes
+from lowvram.memory.depth import synthesize_depth
+from lowvram.memory.replay import Recording, replay, sizes_at, with_workspace, workspace_bytes
 from lowvram.memory.report import (
     RTX2050_CAPABILITY,
     TARGETS,
@@ -30,6 +33,17 @@ __all__ = [
 # Steps are recorded at one GPU generation: another one's differs only in the cuBLAS
 # workspace's bytes (with_workspace), so it replays the same recording.
 RECORDED_CAPABILITY = (8, 6)
+# A step of a deeper model is synthesized from its recordings at these two depths
+# (depth.synthesize_depth; gradient checkpointing's recomputation makes the last layer's
+# backward differ from the middle ones', so it needs a middle layer at each: 3 and 4), where
+# that costs less than recording it (shallow_depths).
+SHALLOW_DEPTHS = (2, 3)
+SHALLOW_DEPTHS_CHECKPOINTED = (3, 4)
+# A recording's cost in events (about 0.25 ms each on 2 cores), measured on rtx2050 with fp16:
+# about 450 per layer, 80 per chunk of a chunked loss (their number grows with the micro-batch,
+# and both shallow recordings have them all), and 1200 for the rest (the loop's other events,
+# and building the fake model and optimizer: about 0.25 s).
+_EVENTS_PER_LAYER, _EVENTS_PER_CHUNK, _EVENTS_FIXED = 450, 80, 1200
 # Two micro-batches recorded once per step; every other micro-batch's report follows exactly
 # (sizes_at). Not 1: a batch of one takes other paths (views that need no copy).
 BASE_MICRO_BATCHES = (2, 3)
@@ -147,14 +161,54 @@ def measure_fake(
     sizes = None
     pair = _replay_pair(cfg, micro_batch, args, linear) if shortcut and not cfg.loss_chunk_size else None
     if pair is not None:
-        recording, second = (record_fake(cfg, m, *args) for m in pair)
+        recording, second = (recording_of(cfg, m, *args) for m in pair)
         sizes = sizes_at(recording, second, micro_batch)
     if sizes is None:
-        recording = record_fake(cfg, micro_batch, *args)
+        recording = recording_of(cfg, micro_batch, *args)
         sizes = recording.sizes
     if target == "cuda":
         sizes = with_workspace(recording, sizes, workspace_bytes(cuda_capability))
     return replay(recording, sizes, micro_batch)
+
+
+def shallow_depths(cfg: ModelConfig, micro_batch: int) -> tuple[int, int] | None:
+    """The two depths :func:`recording_of` records ``cfg``'s step at, or None: record it at
+    ``cfg``'s own depth, where that costs less than the two (a shallow model, or a chunked
+    loss of many chunks: rtx2050 synthesizes up to a micro-batch of 24, 13 with checkpointing)."""
+    pair = SHALLOW_DEPTHS_CHECKPOINTED if cfg.gradient_checkpointing else SHALLOW_DEPTHS
+    chunks = -(-micro_batch * cfg.block_size // cfg.loss_chunk_size) if cfg.loss_chunk_size else 0
+    saved = _EVENTS_PER_LAYER * (cfg.n_layer - sum(pair))
+    return pair if saved > _EVENTS_FIXED + _EVENTS_PER_CHUNK * chunks else None
+
+
+def recording_of(cfg: ModelConfig, micro_batch: int, *args: Any) -> Recording:
+    """``record_fake(cfg, micro_batch, *args)``'s recording: for a deep model synthesized from
+    the same step recorded at :func:`shallow_depths` (``depth.synthesize_depth``: the same
+    events, serials, sizes and classes), where the two shallow ones show the regular structure
+    that makes that exact; else recorded at full depth."""
+    pair = shallow_depths(cfg, micro_batch)
+    if pair is not None:
+        first, second = (record_fake(dataclasses.replace(cfg, n_layer=n), micro_batch, *args)
+                         for n in pair)  # fmt: skip
+        synthesized = _synthesize(first, second, cfg.n_layer)
+        if synthesized is not None:
+            return synthesized
+    return record_fake(cfg, micro_batch, *args)
+
+
+@lru_cache(maxsize=256)
+def _synthesize(first: Recording, second: Recording, n_layer: int) -> Recording | None:
+    """``synthesize_depth``, memoised by the two recordings (record_fake's memoised objects)."""
+    return synthesize_depth(first, second, n_layer)
+
+
+def _available(cfg: ModelConfig, micro_batch: int, args: tuple[Any, ...]) -> bool:
+    """Whether :func:`recording_of` has this step's recordings already (no new recording)."""
+    if (cfg, micro_batch, *args) in _recorded:
+        return True
+    pair = shallow_depths(cfg, micro_batch)
+    return pair is not None and all(
+        (dataclasses.replace(cfg, n_layer=n), micro_batch, *args) in _recorded for n in pair)
 
 
 def _replay_pair(cfg: ModelConfig, micro_batch: int, args: tuple[Any, ...],
@@ -164,9 +218,10 @@ def _replay_pair(cfg: ModelConfig, micro_batch: int, args: tuple[Any, ...],
     :data:`BASE_MICRO_BATCHES`; else, where this micro-batch is not recorded itself, the two
     smallest recorded ones (the smaller below it): a notebook that measures 4, 8 and 16 records
     two steps, not three. The same bytes as its own recording (tests/test_memory_golden.py)."""
-    if micro_batch <= max(BASE_MICRO_BATCHES) or (cfg, micro_batch, *args) in _recorded and not linear:
+    if micro_batch <= max(BASE_MICRO_BATCHES) or _available(cfg, micro_batch, args) and not linear:
         return None  # a base itself, or below them (a batch of 1 takes other paths), or recorded
-    if linear or all((cfg, m, *args) in _recorded for m in BASE_MICRO_BATCHES):
+    if linear or all(_available(cfg, m, args) for m in BASE_MICRO_BATCHES):
         return BASE_MICRO_BATCHES
-    recorded = sorted(key[1] for key in _recorded if key[0] == cfg and key[2:] == args and key[1] >= 2)
+    recorded = sorted({key[1] for key in _recorded if key[2:] == args and key[1] >= 2
+                       and _available(cfg, key[1], args)})
     return (recorded[0], recorded[1]) if len(recorded) >= 2 and recorded[0] < micro_batch else None

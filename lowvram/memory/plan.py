@@ -1,7 +1,7 @@
 """The planner and the ablation: which micro-batch and accumulation fit a card, and what each
 memory option saves.
 
-Import these names from ``lowvram.memory``. Layer 7 of the package: it imports ``report``,
+Import these names from ``lowvram.memory``. Layer 8 of the package: it imports ``report``,
 ``tracker`` (the memo its worker processes fill) and ``measure``.
 """
 
@@ -239,10 +239,10 @@ def _record_in_workers(model_config: ModelConfig, card_gib: float, target: int,
 def _recorded_here(model_config: ModelConfig, recipe: Recipe, target: int) -> bool:
     """Whether this process recorded the recipe's first step of the search (then the search's
     other steps are most likely memoised too: a worker would save nothing)."""
-    from lowvram.memory.measure import _recording_args
+    from lowvram.memory.measure import _available, _recording_args
 
     key = _recording_args(model_config, target, recipe, 1, "cuda", 1.0, RECORDED_CAPABILITY)
-    return (*key, True) in _recorded
+    return _available(key[0], key[1], (*key[2:], True))
 
 
 def _run_worker(task: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], Any]]:

@@ -1,7 +1,7 @@
 """The same step run for real: on this CPU under ``torch.profiler`` (what the tests hold the
 fake-tensor measurement against) and on a CUDA GPU (``--verify-gpu``).
 
-Import these names from ``lowvram.memory``. Layer 9 of the package: it imports ``report``,
+Import these names from ``lowvram.memory``. Layer 10 of the package: it imports ``report``,
 ``tracker`` and ``measure``.
 """
 

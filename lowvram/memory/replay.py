@@ -4,8 +4,9 @@ through the allocator simulation, and the exact replay of another micro-batch or
 generation from the same recording (:func:`sizes_at`, :func:`with_workspace`).
 
 Private: call ``lowvram.memory.measure_step``. Layer 3 of the package (``_allocator`` ->
-``report`` -> ``replay`` -> ``_diskcache`` -> ``tracker`` -> ``measure`` -> ``plan`` -> ``show``
--> ``real`` -> ``cli``): pure bookkeeping over integers, no torch; :mod:`lowvram.memory.tracker` records.
+``report`` -> ``replay`` -> ``_diskcache`` -> ``tracker`` -> ``depth`` -> ``measure`` -> ``plan``
+-> ``show`` -> ``real`` -> ``cli``): pure bookkeeping over integers, no torch;
+:mod:`lowvram.memory.tracker` records.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How :mod:`lowvram.memory` shows its results: the text report, the Markdown tables of the
 planner and the ablation, and the budget chart.
 
-Import these names from ``lowvram.memory``. Layer 8 of the package: it imports ``report``
+Import these names from ``lowvram.memory``. Layer 9 of the package: it imports ``report``
 (and the plan's row types only for type checking).
 """
 

@@ -2,11 +2,11 @@
 body of ``train()`` that it watches, and the stand-in for an 8-bit optimizer's state.
 
 Private: call ``lowvram.memory.measure_step``. Layer 5 of the package (``_allocator`` ->
-``report`` -> ``replay`` -> ``_diskcache`` -> ``tracker`` -> ``measure`` -> ``plan`` -> ``show``
--> ``real`` -> ``cli``); :mod:`lowvram.memory.replay` turns its recordings into reports, and
-:mod:`lowvram.memory._diskcache` keeps them between processes. The model, optimizer
-and batch are fake tensors
-on the ``cpu`` device (``FakeTensorMode``: shapes and dtypes, no data, no arithmetic), and a
+``report`` -> ``replay`` -> ``_diskcache`` -> ``tracker`` -> ``depth`` -> ``measure`` -> ``plan``
+-> ``show`` -> ``real`` -> ``cli``); :mod:`lowvram.memory.replay` turns its recordings into
+reports, and :mod:`lowvram.memory._diskcache` keeps them between processes. The model,
+optimizer and batch are fake tensors on the ``cpu`` device (``FakeTensorMode``: shapes and
+dtypes, no data, no arithmetic), and a
 ``TorchDispatchMode`` sees every ATen op of the step: it records each new untyped storage and,
 through a weakref finalizer, the moment it dies.
 """
