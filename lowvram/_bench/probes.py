@@ -119,7 +119,7 @@ def _planner_runs(memory: Any, planner_model: ModelConfig, micro_batch: int, rea
         "planner_first_s": times[0],
         "planner_median_s": statistics.median(times),
         "plan_s": plan_s,  # plan(planner_model, 4 GiB, 16, largest=True) from an empty memo
-        "plan_measurements": plan_measurements,  # fake-tensor steps it measured (any size)
+        "plan_measurements": plan_measurements,  # fake-tensor steps it recorded (shallow ones included)
         "plan_rows": [(r.recipe.name, r.micro_batch, r.accumulation) for r in rows],
         "plan_target_s": plan_target_s,  # plan(planner_model, 4 GiB, 16): notebook 25_2's cell
         "plan_target_measurements": plan_target_measurements,

@@ -86,7 +86,7 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append((
             f"Memory plan run time: `plan(...)` of {_shape(p['planner_model'])}, 4 GiB, effective "
             "batch 16, every default recipe (notebook 25_2's plan cell), empty memo",
-            f"**{p['plan_target_s']:.1f} s** ({p['plan_target_measurements']} measured steps, "
+            f"**{p['plan_target_s']:.1f} s** ({p['plan_target_measurements']} fake-tensor recordings, most of 2-3 layers (depth.py), "
             f"{p['plan_workers']} recording process(es))",
             "<= 5 s", _yes(p["plan_target_s"] <= 5),
         ))
@@ -94,7 +94,7 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append((
             f"Memory plan run time: `plan(..., largest=True)` of {_shape(p['planner_model'])}, "
             "4 GiB, effective batch 16, every default recipe (what `--plan` runs), empty memo",
-            f"**{p['plan_s']:.1f} s** ({p['plan_measurements']} measured steps)",
+            f"**{p['plan_s']:.1f} s** ({p['plan_measurements']} fake-tensor recordings)",
             "<= 5 s", _yes(p["plan_s"] <= 5),
         ))
     if "plan_target_disk_s" in p:
