@@ -1,6 +1,6 @@
 """How much host work ``train()`` issues per optimizer step beyond the plain loop (issue 19).
 
-    python -m lowvram._bench.host_ops            # fp32 and bf16: ops per step, and the excess
+    python -m lowvram._bench.host_ops            # fp32, bf16, fp16: ops per step, the excess
     python -m lowvram._bench.host_ops --json
 
 On a fast GPU the lesson's rtx2050 model is host-bound: its kernels finish before Python has
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lowvram._bench.suite import HOST_BOUND_MODEL
 from lowvram.config import ModelConfig, TrainConfig, get_preset
 
 __all__ = [
@@ -58,12 +59,6 @@ __all__ = [
     "where",
 ]
 
-# The rtx2050 preset's depth (12 layers, 12 heads: the number of ops per step) at a tiny width
-# (n_embd 48: head size 4), vocab and block: on a CPU its kernels take microseconds, so a step
-# costs what it costs the host to issue it, as the real model's does on a fast GPU.
-_RTX2050 = get_preset("rtx2050")[0]
-HOST_BOUND_MODEL = ModelConfig(vocab_size=96, block_size=16, n_layer=_RTX2050.n_layer,
-                               n_head=_RTX2050.n_head, n_embd=4 * _RTX2050.n_head)
 
 
 def host_bound_train_config(precision: str = "no") -> TrainConfig:
@@ -149,7 +144,88 @@ class OpCounter(TorchDispatchMode):
         return counts
 
 
+class CallCounter:
+    """Counts the Python function calls while :attr:`on` (``sys.setprofile``), by where the
+    called function lives: ``torch``, ``accelerate``, a lowvram file, the standard library or
+    another package. On a host-bound GPU the Python a step runs is time, like its ops; the count
+    is exact for one set of library versions (it changes when torch or accelerate change)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._groups: dict[str, str] = {}
+
+    def _group(self, filename: str) -> str:
+        if filename.startswith(_TORCH):
+            return "torch"
+        if filename.startswith(_STDLIB) or filename.startswith("<"):
+            return "Python's standard library"
+        parts = filename.replace("\\", "/").split("/")
+        if "lowvram" in parts:
+            return _short(filename)
+        if "site-packages" in parts:
+            return parts[parts.index("site-packages") + 1].removesuffix(".py")
+        return _short(filename)
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            name = frame.f_code.co_filename
+            group = self._groups.get(name)
+            if group is None:
+                group = self._groups[name] = self._group(name)
+            self.counts[group] += 1
+
+    @property
+    def on(self) -> bool:
+        return sys.getprofile() is not None
+
+    @on.setter
+    def on(self, value: bool) -> None:
+        sys.setprofile(self._profile if value else None)
+
+    def __enter__(self) -> CallCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.on = False
+
+    def take(self) -> collections.Counter[str]:
+        """The counts so far, and start again from zero."""
+        counts, self.counts = self.counts, collections.Counter()
+        return counts
+
+
 # --------------------------------------------------------------------------- the two loops
+
+
+@contextlib.contextmanager
+def forced_fp16(train_config: TrainConfig, init_scale: float = 2.0**16) -> Iterator[None]:
+    """``train()`` runs the GPU's fp16 path on the CPU: fp16 autocast with a GradScaler.
+
+    For measurements (and tests) only. ``lowvram.train``'s precision choice answers "fp16" and
+    its Accelerator forces the GradScaler (``lowvram.precision.force_grad_scaler``) as soon as
+    it is created, before ``prepare``. ``train_config.mixed_precision`` must be "fp16".
+    """
+    from unittest import mock
+
+    from accelerate import Accelerator
+
+    import lowvram.train
+    from lowvram.precision import force_grad_scaler
+
+    if train_config.mixed_precision != "fp16":
+        raise ValueError(f"mixed_precision={train_config.mixed_precision!r}: forced_fp16 runs "
+                         "fp16 only; use a TrainConfig with mixed_precision='fp16'")
+    reason = "fp16 autocast with a GradScaler forced on the CPU (a measurement)"
+
+    class ForcedFp16Accelerator(Accelerator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            force_grad_scaler(self, init_scale=init_scale)
+
+    with (mock.patch.object(lowvram.train, "resolve_precision",
+                            lambda requested, device: ("fp16", reason)),
+          mock.patch.object(lowvram.train, "Accelerator", ForcedFp16Accelerator)):
+        yield
 
 
 @contextlib.contextmanager
@@ -160,9 +236,9 @@ def _quiet() -> Iterator[None]:
 
 
 def _steps_of_train(model_config: ModelConfig, train_config: TrainConfig, total: int,
-                    rows: torch.Tensor, val: torch.Tensor, counter: OpCounter,
-                    wrap: Callable[[], contextlib.AbstractContextManager] | None) -> list[Any]:
-    """The op counts of each optimizer step of a ``train()`` run, hook to hook."""
+                    rows: torch.Tensor, val: torch.Tensor, counter: OpCounter | CallCounter,
+                    fp16_on_cpu: bool) -> list[Any]:
+    """The op (or Python call) counts of each optimizer step of a ``train()`` run, hook to hook."""
     from lowvram.train import train
 
     per_step: list[Any] = []
@@ -171,7 +247,8 @@ def _steps_of_train(model_config: ModelConfig, train_config: TrainConfig, total:
         per_step.append(counter.take())
         counter.on = True
 
-    with tempfile.TemporaryDirectory() as out, _quiet(), (wrap or contextlib.nullcontext)():
+    with (tempfile.TemporaryDirectory() as out, _quiet(),
+          forced_fp16(train_config) if fp16_on_cpu else contextlib.nullcontext()):
         config = train_config.replace(max_steps=total + 1, num_epochs=1, eval_interval=0,
                                       eval_max_batches=1, checkpoint_interval=0,
                                       keep_checkpoints=1, log_interval=10**6, output_dir=out)
@@ -183,12 +260,14 @@ def _steps_of_train(model_config: ModelConfig, train_config: TrainConfig, total:
 
 
 def _steps_of_plain(model_config: ModelConfig, train_config: TrainConfig, total: int,
-                    rows: torch.Tensor, val: torch.Tensor, counter: OpCounter) -> list[Any]:
+                    rows: torch.Tensor, val: torch.Tensor, counter: OpCounter | CallCounter,
+                    fp16_on_cpu: bool) -> list[Any]:
     from lowvram._bench.loops import _plain_loop
 
     per_step: list[Any] = []
     with _quiet():
-        plain = _plain_loop(model_config, train_config, total + 1, rows, val)
+        plain = _plain_loop(model_config, train_config, total + 1, rows, val,
+                            fp16_on_cpu=fp16_on_cpu)
         next(plain)  # build
         with counter:
             next(plain)  # step 1's micro-batches
@@ -203,16 +282,18 @@ def _steps_of_plain(model_config: ModelConfig, train_config: TrainConfig, total:
 
 def count_ops(model_config: ModelConfig = HOST_BOUND_MODEL,
               train_config: TrainConfig | None = None, *, steps: int = 2, warmup: int = 1,
-              wrap_train: Callable[[], contextlib.AbstractContextManager] | None = None,
-              ) -> dict[str, Any]:
+              python_calls: bool = False) -> dict[str, Any]:
     """ATen ops per optimizer step of ``train()`` and of the plain loop, on the CPU.
 
     Both run ``warmup + steps`` steps after the first; the last ``steps`` are counted (AdamW
-    creates its state in the first update) and must agree with each other (a ValueError says otherwise). A step is
-    what runs between two moments the gradients are complete: the previous step's clip,
-    optimizer step and zero_grad, then this step's micro-batches (the bench's step).
-    ``wrap_train``: a context manager around the ``train()`` run (tests use it to force fp16's
-    GradScaler on the CPU). Returns, per loop, the total per step and ``{where: {op: n}}``.
+    creates its state in the first update) and must agree with each other (a ValueError says
+    otherwise). A step is what runs between two moments the gradients are complete: the
+    previous step's clip, optimizer step and zero_grad, then this step's micro-batches (the
+    bench's step). fp16 runs the GPU's fp16 path on the CPU in both loops (autocast and a
+    GradScaler: :func:`forced_fp16`). Returns, per loop, the total per step and
+    ``{where: {op: n}}``; with ``python_calls``, each loop runs once more under a
+    :class:`CallCounter` (``python_calls``: the last step's Python calls by where they live),
+    and ``python_excess`` is train()'s minus the plain loop's.
     """
     from lowvram.data import random_rows
 
@@ -227,12 +308,14 @@ def count_ops(model_config: ModelConfig = HOST_BOUND_MODEL,
     val = random_rows(model_config, train_config.per_device_eval_batch_size, seed=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the counts do not depend on it; the run is quicker
+    fp16 = train_config.mixed_precision == "fp16"
     try:
         result: dict[str, Any] = {}
         for loop, per_step in (
             ("train", _steps_of_train(model_config, train_config, total, rows, val, OpCounter(),
-                                      wrap_train)),
-            ("plain", _steps_of_plain(model_config, train_config, total, rows, val, OpCounter())),
+                                      fp16)),
+            ("plain", _steps_of_plain(model_config, train_config, total, rows, val, OpCounter(),
+                                      fp16)),
         ):
             counted = per_step[warmup:]
             if len(counted) != steps or any(c != counted[0] for c in counted):
@@ -242,6 +325,15 @@ def count_ops(model_config: ModelConfig = HOST_BOUND_MODEL,
             for (site, op), n in sorted(counted[0].items()):
                 by_site.setdefault(site, {})[op] = n
             result[loop] = {"per_step": sum(counted[0].values()), "by_site": by_site}
+        if python_calls:  # a run of its own: the op counter's Python would be counted too
+            for loop, steps_of in (("train", _steps_of_train), ("plain", _steps_of_plain)):
+                calls = steps_of(model_config, train_config, total, rows, val, CallCounter(),
+                                 fp16)[-1]
+                result[loop]["python_calls"] = dict(sorted(calls.items()))
+                result[loop]["python_calls_per_step"] = sum(calls.values())
+            t, p = (result[k]["python_calls"] for k in ("train", "plain"))
+            result["python_excess"] = {g: t.get(g, 0) - p.get(g, 0) for g in sorted(set(t) | set(p))
+                                       if t.get(g, 0) != p.get(g, 0)}
     finally:
         torch.set_num_threads(threads)
     result.update(model=dataclasses.asdict(model_config), precision=train_config.mixed_precision,
@@ -275,16 +367,23 @@ def format_ops(result: dict[str, Any]) -> str:
              f"per optimizer step: train() {t:,}, plain loop {p:,}, excess {t - p:+,}"]
     for site, ops in result["excess"].items():
         lines.append(f"  {site}: " + ", ".join(f"{op} {n:+}" for op, n in ops.items()))
+    if "python_excess" in result:
+        t, p = (result[k]["python_calls_per_step"] for k in ("train", "plain"))
+        lines.append(f"Python function calls per optimizer step: train() {t:,}, plain loop {p:,}, "
+                     f"excess {t - p:+,}")
+        lines += [f"  {group}: {n:+,}" for group, n in sorted(result["python_excess"].items(),
+                                                           key=lambda kv: -abs(kv[1]))]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- time
 
 
-def host_bound(precisions: tuple[str, ...] = ("no", "bf16"), *, steps: int = 20, skip: int = 2,
+def host_bound(precisions: tuple[str, ...] = ("no", "bf16", "fp16"), *, steps: int = 20, skip: int = 2,
                model_config: ModelConfig = HOST_BOUND_MODEL,
                log: Callable[[str], None] = lambda msg: None) -> list[dict[str, Any]]:
-    """train() against the plain loop on the host-bound model, 1 thread, for each precision.
+    """train() against the plain loop on the host-bound model, 1 thread, for each precision
+    ("fp16": the GPU's fp16 path, autocast and a GradScaler, forced on the CPU in both loops).
 
     ``loops.loop_comparison`` (the two alternate step by step) with a token reference matmul
     (64 x 64: its time is not used here), plus each precision's op counts. Returns one row per
@@ -299,7 +398,8 @@ def host_bound(precisions: tuple[str, ...] = ("no", "bf16"), *, steps: int = 20,
         for precision in precisions:
             config = host_bound_train_config(precision)
             log(f"  host-bound: {precision}, {steps} steps + {skip} dropped, 1 thread")
-            r = loop_comparison(model_config, config, steps=steps, skip=skip, matmul_n=64)
+            r = loop_comparison(model_config, config, steps=steps, skip=skip, matmul_n=64,
+                                fp16_on_cpu=precision == "fp16")
             ops = count_ops(model_config, config)
             rows.append({
                 "precision": precision, "threads": 1, "steps": steps, "skipped": skip,
@@ -321,12 +421,13 @@ def host_bound(precisions: tuple[str, ...] = ("no", "bf16"), *, steps: int = 20,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowvram._bench.host_ops",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--precision", action="append", choices=["no", "bf16"],
-                        help="default: no and bf16")
+    parser.add_argument("--precision", action="append", choices=["no", "bf16", "fp16"],
+                        help="default: no, bf16 and fp16 (fp16: autocast and a GradScaler "
+                        "forced on the CPU, as on a GPU)")
     parser.add_argument("--json", action="store_true", help="JSON on stdout")
     args = parser.parse_args(argv)
-    results = [count_ops(HOST_BOUND_MODEL, host_bound_train_config(p))
-               for p in args.precision or ["no", "bf16"]]
+    results = [count_ops(HOST_BOUND_MODEL, host_bound_train_config(p), python_calls=True)
+               for p in args.precision or ["no", "bf16", "fp16"]]
     if args.json:
         print(json.dumps(results, indent=1))
     else:

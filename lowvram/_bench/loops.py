@@ -67,6 +67,7 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 def _plain_loop(
     model_config: ModelConfig, train_config: TrainConfig, total_steps: int,
     train_data: torch.Tensor, val_data: torch.Tensor, device: torch.device | None = None,
+    *, fp16_on_cpu: bool = False,
 ) -> Iterator[None]:
     """A hand-written nanoGPT-style loop doing lowvram's work, one optimizer step per ``next``.
 
@@ -74,7 +75,9 @@ def _plain_loop(
     later one finishes the previous step (clip, AdamW, zero_grad) and runs the next step's
     micro-batches, so it yields where lowvram's ``on_optimizer_step`` callback runs: gradients complete.
     ``device``: the CPU (default) or a CUDA GPU, where fp16 runs under ``torch.autocast`` with a
-    ``GradScaler`` (unscale, clip, step, update), as in PyTorch's AMP recipe.
+    ``GradScaler`` (unscale, clip, step, update), as in PyTorch's AMP recipe. ``fp16_on_cpu``:
+    that fp16 path on the CPU (where fp16 otherwise runs as fp32), to set against ``train()``
+    under ``lowvram._bench.host_ops.forced_fp16``.
     """
     from lowvram.data import build_dataloaders
     from lowvram.model import GPTModel
@@ -85,6 +88,8 @@ def _plain_loop(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         precision, _ = resolve_precision(train_config.mixed_precision, device)
+    if fp16_on_cpu:
+        precision = "fp16"
     torch.manual_seed(train_config.seed)
     model = GPTModel(model_config).to(device)
     # as train() does (issue 19): the rows are valid, so no token-range read of each batch
@@ -108,7 +113,8 @@ def _plain_loop(
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
                 else contextlib.nullcontext())
     # fp16 on CUDA: scale the loss; disabled (a pass-through) everywhere else
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16"
+                                  and (device.type == "cuda" or fp16_on_cpu))
     batches = iter(train_loader)
     model.train()
     yield
@@ -139,6 +145,7 @@ def loop_comparison(
     skip: int = 1,
     matmul_n: int = 2048,
     log: Callable[[str], None] = lambda msg: None,
+    fp16_on_cpu: bool = False,
 ) -> dict[str, Any]:
     """lowvram's loop and the plain loop, step by step in turn, with a matmul between them.
 
@@ -151,7 +158,10 @@ def loop_comparison(
 
     Returns the median step time of each loop, the median of the per-step ratios lowvram /
     plain, training FLOP/s and their median per-step ratio to the matmul FLOP/s, and the raw times.
+    ``fp16_on_cpu``: both loops run fp16 autocast with a GradScaler on the CPU, as on a GPU
+    (``lowvram._bench.host_ops.forced_fp16``; ``train_config.mixed_precision`` must be "fp16").
     """
+    from lowvram._bench.host_ops import forced_fp16
     from lowvram.train import train
 
     if steps < 1 or skip < 0:
@@ -163,7 +173,8 @@ def loop_comparison(
     # one spare window: no epoch end (with its evaluation and checkpoint) among the timed steps
     train_data = random_rows(model_config, (total + 1) * train_config.effective_batch_size, 0)
     val_data = random_rows(model_config, train_config.per_device_eval_batch_size, seed=1)
-    plain = _plain_loop(model_config, train_config, total, train_data, val_data)
+    plain = _plain_loop(model_config, train_config, total, train_data, val_data,
+                        fp16_on_cpu=fp16_on_cpu)
     next(plain)
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
     torch.mm(a, b)  # warm up the BLAS
@@ -197,7 +208,8 @@ def loop_comparison(
             max_steps=total, eval_interval=0, checkpoint_interval=0, eval_max_batches=1,
             log_interval=10**6, output_dir=out,
         )
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with (contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(),
+              forced_fp16(train_config) if fp16_on_cpu else contextlib.nullcontext()):
             warnings.simplefilter("ignore")
             train(model_config, timed_config, train_data=train_data, val_data=val_data,
                   progress=False, cpu=True, on_optimizer_step=hook)

@@ -31,7 +31,8 @@ def _threads(n: int) -> str:
 
 
 def _precision(precision: str) -> str:
-    return "fp32" if precision == "no" else precision
+    return {"no": "fp32", "fp16": "fp16 (autocast and GradScaler forced on the CPU, as on a GPU)"
+            }.get(precision, precision)
 
 
 def _yes(ok: bool) -> str:
