@@ -421,7 +421,8 @@ def test_host_bound_row_states_times_ratio_and_op_counts(cli_run: tuple[dict, Pa
     assert h["ops_train"] - h["ops_plain"] == 4
     [line] = [x for x in bench.format_table(results).splitlines() if "Host-bound proxy" in x]
     assert "not a GPU measurement" in line and "fp32 4 x 4" in line
-    assert f"{h['ops_train']:,} / {h['ops_plain']:,} (+4)" in line
+    assert f"{h['ops_train']:,} / {h['ops_plain']:,} (+4); Python calls per step" in line
+    assert 0 < h["python_calls_train"] - h["python_calls_plain"] < 1000
     assert bench.default_plan().host_bound_model.n_layer == get_preset("rtx2050")[0].n_layer
 
 

@@ -386,8 +386,8 @@ def host_bound(precisions: tuple[str, ...] = ("no", "bf16", "fp16"), *, steps: i
     ("fp16": the GPU's fp16 path, autocast and a GradScaler, forced on the CPU in both loops).
 
     ``loops.loop_comparison`` (the two alternate step by step) with a token reference matmul
-    (64 x 64: its time is not used here), plus each precision's op counts. Returns one row per
-    precision: the loop comparison's medians and ratio, and the ops per step of both loops.
+    (64 x 64: its time is not used here), plus each precision's counts. Returns one row per
+    precision: the loop comparison's medians and ratio, the ops and Python calls per step of both.
     """
     from lowvram._bench.loops import loop_comparison
 
@@ -400,7 +400,7 @@ def host_bound(precisions: tuple[str, ...] = ("no", "bf16", "fp16"), *, steps: i
             log(f"  host-bound: {precision}, {steps} steps + {skip} dropped, 1 thread")
             r = loop_comparison(model_config, config, steps=steps, skip=skip, matmul_n=64,
                                 fp16_on_cpu=precision == "fp16")
-            ops = count_ops(model_config, config)
+            ops = count_ops(model_config, config, python_calls=True)
             rows.append({
                 "precision": precision, "threads": 1, "steps": steps, "skipped": skip,
                 "model": r["model"], "micro_batch": config.per_device_train_batch_size,
@@ -409,6 +409,9 @@ def host_bound(precisions: tuple[str, ...] = ("no", "bf16", "fp16"), *, steps: i
                 "ratio": r["ratio"], "lowvram_s": r["lowvram_s"], "plain_s": r["plain_s"],
                 "ops_train": ops["train"]["per_step"], "ops_plain": ops["plain"]["per_step"],
                 "ops_excess": ops["excess"],
+                "python_calls_train": ops["train"]["python_calls_per_step"],
+                "python_calls_plain": ops["plain"]["python_calls_per_step"],
+                "python_excess": ops["python_excess"],
             })
             log(f"    train() {r['lowvram_median_s'] * 1e3:.1f} ms, plain "
                 f"{r['plain_median_s'] * 1e3:.1f} ms: {r['ratio']:.3f}; ops "

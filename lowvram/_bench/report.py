@@ -66,7 +66,9 @@ def format_table(results: dict[str, Any]) -> str:
             "optimizer step, lowvram / plain PyTorch",
             f"{h['lowvram_median_s'] * 1e3:.1f} ms / {h['plain_median_s'] * 1e3:.1f} ms: "
             f"**{h['ratio']:.3f}** (median of {h['steps']} per-step ratios); ATen ops per step "
-            f"{h['ops_train']:,} / {h['ops_plain']:,} ({h['ops_train'] - h['ops_plain']:+,})",
+            f"{h['ops_train']:,} / {h['ops_plain']:,} ({h['ops_train'] - h['ops_plain']:+,}); "
+            f"Python calls per step {h['python_calls_train']:,} / {h['python_calls_plain']:,} "
+            f"({h['python_calls_train'] - h['python_calls_plain']:+,})",
             "<= 1.05", _yes(h["ratio"] <= 1.05),
         ))
     g = results.get("gpu_reference")
@@ -213,7 +215,10 @@ def readme_section(results: dict[str, Any], command: str) -> str:
         "its depth (12 layers, 12 heads: its number of ops) at a tiny width, whose CPU kernels "
         "take microseconds, measures that host time on a CPU; `lowvram._bench.host_ops` also "
         "counts each loop's ATen ops per step (exact on any machine; `tests/test_host_ops.py` "
-        "holds the difference). A proxy: the GPU's own ratio is measured only on a GPU.",
+        "holds the difference) and Python function calls per step (exact for these library "
+        "versions). fp16: autocast and a GradScaler forced on the CPU in both loops (CPU fp16 "
+        "kernels are slow, so that row is less host-bound). A proxy: the GPU's own ratio is "
+        "measured only on a GPU.",
         "- **CPU efficiency.** Training FLOPs per token = 6 N + 12 n_layer n_embd T (N: parameters "
         "used in matmuls, without the token and position embeddings; the T x T attention term "
         "in full), times tokens per step, per second; divided, step by step, by "
