@@ -14,10 +14,12 @@ can be measured on a CPU:
    op and by where they come from (:func:`where`), so that the difference names the ops that
    ``train()`` adds and the line of lowvram or accelerate that adds them. The count is exact
    and the same on every machine: a test can hold it.
-2. **Python.** :func:`host_bound` times the two loops side by side (``loops.loop_comparison``)
-   on a model of the rtx2050's depth (12 layers, 12 heads) but tiny width, at 1 thread. Its
-   kernels take microseconds on a CPU, so ms/step is the host's cost of a step, as on the H200:
-   the ratio is a CPU *proxy* for the H200's ratio, not a GPU measurement.
+2. **Python.** :class:`CallCounter` (``count_ops(..., python_calls=True)``) counts the Python
+   function calls per step of each loop, by package (exact for one set of library versions).
+   :func:`host_bound` times the two loops side by side (``loops.loop_comparison``) on a model
+   of the rtx2050's depth (12 layers, 12 heads) but tiny width, at 1 thread. Its kernels take
+   microseconds on a CPU, so ms/step is the host's cost of a step, as on the H200: the ratio is
+   a CPU *proxy* for the H200's ratio, not a GPU measurement.
 
 Why a ``TorchDispatchMode`` and not ``torch.profiler``: the mode sees each op that reaches a
 kernel (after autograd and after composite ops are decomposed: roughly one launch each on a
@@ -50,15 +52,16 @@ from lowvram.config import ModelConfig, TrainConfig, get_preset
 
 __all__ = [
     "HOST_BOUND_MODEL",
+    "CallCounter",
     "OpCounter",
     "count_ops",
     "excess",
+    "forced_fp16",
     "format_ops",
     "host_bound",
     "host_bound_train_config",
     "where",
 ]
-
 
 
 def host_bound_train_config(precision: str = "no") -> TrainConfig:
