@@ -17,7 +17,7 @@ From Python (``tiny_plan()`` runs in seconds; what the tests use)::
     print(format_table(results))
 
 This package only re-exports; the code is in its modules: ``suite`` (the plans, ``run_all``),
-``loops`` (items 1 and 2 below, and bf16 against fp32), ``probes`` (items 3-5), ``report`` (the
+``loops`` (items 1 and 2 below, bf16 against fp32, the host-bound model), ``probes`` (items 3-5), ``report`` (the
 table and the README's section), ``cli`` (``main``, which ``python -m lowvram._bench`` runs) and
 ``paths`` (where the repository is), ``gpu`` (item 6: the GPU mode, its table and README section),
 ``host_ops`` (item 7: ops per step and the host-bound proxy; ``python -m lowvram._bench.host_ops``).

@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowvram._bench.suite import HOST_BOUND_MODEL
-from lowvram.config import ModelConfig, TrainConfig, get_preset
+from lowvram._bench.loops import HOST_BOUND_MODEL, forced_fp16, host_bound_train_config
+from lowvram.config import ModelConfig, TrainConfig
 
 __all__ = [
     "HOST_BOUND_MODEL",
@@ -62,13 +62,6 @@ __all__ = [
     "host_bound_train_config",
     "where",
 ]
-
-
-def host_bound_train_config(precision: str = "no") -> TrainConfig:
-    """The lesson's 4 x 4 (micro-batch 4, accumulation 4) with ``precision``, as on the card."""
-    return get_preset("rtx2050")[1].replace(mixed_precision=precision,
-                                            per_device_train_batch_size=4,
-                                            gradient_accumulation_steps=4)
 
 
 # --------------------------------------------------------------------------- where an op comes from
@@ -198,37 +191,6 @@ class CallCounter:
 
 
 # --------------------------------------------------------------------------- the two loops
-
-
-@contextlib.contextmanager
-def forced_fp16(train_config: TrainConfig, init_scale: float = 2.0**16) -> Iterator[None]:
-    """``train()`` runs the GPU's fp16 path on the CPU: fp16 autocast with a GradScaler.
-
-    For measurements (and tests) only. ``lowvram.train``'s precision choice answers "fp16" and
-    its Accelerator forces the GradScaler (``lowvram.precision.force_grad_scaler``) as soon as
-    it is created, before ``prepare``. ``train_config.mixed_precision`` must be "fp16".
-    """
-    from unittest import mock
-
-    from accelerate import Accelerator
-
-    import lowvram.train
-    from lowvram.precision import force_grad_scaler
-
-    if train_config.mixed_precision != "fp16":
-        raise ValueError(f"mixed_precision={train_config.mixed_precision!r}: forced_fp16 runs "
-                         "fp16 only; use a TrainConfig with mixed_precision='fp16'")
-    reason = "fp16 autocast with a GradScaler forced on the CPU (a measurement)"
-
-    class ForcedFp16Accelerator(Accelerator):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            force_grad_scaler(self, init_scale=init_scale)
-
-    with (mock.patch.object(lowvram.train, "resolve_precision",
-                            lambda requested, device: ("fp16", reason)),
-          mock.patch.object(lowvram.train, "Accelerator", ForcedFp16Accelerator)):
-        yield
 
 
 @contextlib.contextmanager

@@ -18,11 +18,14 @@ from typing import Any
 
 import torch
 
-from lowvram.config import ModelConfig, TrainConfig, check_positive_int
+from lowvram.config import ModelConfig, TrainConfig, check_positive_int, get_preset
 from lowvram.data import random_rows
 
 __all__ = [
+    "HOST_BOUND_MODEL",
     "bf16_vs_fp32",
+    "forced_fp16",
+    "host_bound_train_config",
     "loop_comparison",
     "matmul_flops",
     "step_breakdown",
@@ -62,6 +65,53 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 # --------------------------------------------------------------------------- the two loops
+
+
+# The host-bound proxy's model (lowvram._bench.host_ops): the rtx2050 preset's depth (12 layers,
+# 12 heads: its number of ops per step) at a tiny width (n_embd 48: head size 4), vocab and
+# block: on a CPU its kernels take microseconds, so a step costs what it costs the host to issue
+# it, as the real model's does on a fast GPU.
+_RTX2050 = get_preset("rtx2050")[0]
+HOST_BOUND_MODEL = ModelConfig(vocab_size=96, block_size=16, n_layer=_RTX2050.n_layer,
+                               n_head=_RTX2050.n_head, n_embd=4 * _RTX2050.n_head)
+
+
+def host_bound_train_config(precision: str = "no") -> TrainConfig:
+    """The lesson's 4 x 4 (micro-batch 4, accumulation 4) with ``precision``, as on the card."""
+    return get_preset("rtx2050")[1].replace(mixed_precision=precision,
+                                            per_device_train_batch_size=4,
+                                            gradient_accumulation_steps=4)
+
+
+@contextlib.contextmanager
+def forced_fp16(train_config: TrainConfig, init_scale: float = 2.0**16) -> Iterator[None]:
+    """``train()`` runs the GPU's fp16 path on the CPU: fp16 autocast with a GradScaler.
+
+    For measurements (and tests) only. ``lowvram.train``'s precision choice answers "fp16" and
+    its Accelerator forces the GradScaler (``lowvram.precision.force_grad_scaler``) as soon as
+    it is created, before ``prepare``. ``train_config.mixed_precision`` must be "fp16".
+    """
+    from unittest import mock
+
+    from accelerate import Accelerator
+
+    import lowvram.train
+    from lowvram.precision import force_grad_scaler
+
+    if train_config.mixed_precision != "fp16":
+        raise ValueError(f"mixed_precision={train_config.mixed_precision!r}: forced_fp16 runs "
+                         "fp16 only; use a TrainConfig with mixed_precision='fp16'")
+    reason = "fp16 autocast with a GradScaler forced on the CPU (a measurement)"
+
+    class ForcedFp16Accelerator(Accelerator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            force_grad_scaler(self, init_scale=init_scale)
+
+    with (mock.patch.object(lowvram.train, "resolve_precision",
+                            lambda requested, device: ("fp16", reason)),
+          mock.patch.object(lowvram.train, "Accelerator", ForcedFp16Accelerator)):
+        yield
 
 
 def _plain_loop(
@@ -161,7 +211,6 @@ def loop_comparison(
     ``fp16_on_cpu``: both loops run fp16 autocast with a GradScaler on the CPU, as on a GPU
     (``lowvram._bench.host_ops.forced_fp16``; ``train_config.mixed_precision`` must be "fp16").
     """
-    from lowvram._bench.host_ops import forced_fp16
     from lowvram.train import train
 
     if steps < 1 or skip < 0:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lowvram._bench.loops import bf16_vs_fp32, loop_comparison, step_breakdown
+from lowvram._bench.loops import HOST_BOUND_MODEL, bf16_vs_fp32, loop_comparison, step_breakdown
 from lowvram._bench.paths import REPO
 from lowvram._bench.probes import import_cost, notebook_times, planner_bench
 from lowvram.config import ModelConfig, TrainConfig, get_preset
@@ -33,13 +33,6 @@ __all__ = [
 
 # The mid-size model of the efficiency goal: nanoGPT's "baby GPT" shape (6 x 6 x 384, block 256).
 MID_MODEL = ModelConfig(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384)
-# The host-bound proxy's model (lowvram._bench.host_ops): the rtx2050 preset's depth (12 layers,
-# 12 heads: its number of ops per step) at a tiny width (n_embd 48: head size 4), vocab and
-# block: on a CPU its kernels take microseconds, so a step costs what it costs the host to issue
-# it, as the real model's does on a fast GPU.
-_RTX2050 = get_preset("rtx2050")[0]
-HOST_BOUND_MODEL = ModelConfig(vocab_size=96, block_size=16, n_layer=_RTX2050.n_layer,
-                               n_head=_RTX2050.n_head, n_embd=4 * _RTX2050.n_head)
 
 
 # --------------------------------------------------------------------------- what to run
