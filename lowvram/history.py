@@ -67,12 +67,23 @@ class StepLog:
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                         disable=not (progress and accelerator.is_main_process))
         self.zero = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        self.loss, self.batches, self.tokens = self.zero.clone(), 0, 0  # this step's so far
+        # this step's loss sum (None until its first micro-batch), micro-batches and tokens
+        self.loss: torch.Tensor | None = None
+        self.batches, self.tokens = 0, 0
         self.kept: list[tuple[dict[str, Any], list[torch.Tensor]]] = []  # steps not read yet
 
     def add(self, loss: torch.Tensor, tokens: int) -> None:
-        """One micro-batch: its loss and its number of input tokens."""
-        self.loss += loss.detach()
+        """One micro-batch: its loss and its number of input tokens.
+
+        One op on the device per micro-batch: on a host-bound GPU each op costs the host's
+        time to issue it (``lowvram._bench.host_ops`` counts them). The sum is in float64,
+        from the first loss on: ``0.0 + loss`` would be the same number.
+        """
+        with torch.no_grad():  # no graph, and no detach op
+            if self.loss is None:
+                self.loss = loss.to(torch.float64, copy=True)
+            else:
+                self.loss.add_(loss)
         self.batches, self.tokens = self.batches + 1, self.tokens + tokens
 
     def loss_scale(self) -> torch.Tensor | None:
@@ -99,8 +110,9 @@ class StepLog:
         norm = torch.as_tensor(grad_norm, device=self.zero.device)
         meta = {"step": step, "epoch": epoch, "lr": lr, "batches": self.batches,
                 "tokens": self.tokens, "scaled": loss_scale is not None}
-        self.kept.append((meta, [self.loss, norm, scale, skipped]))
-        self.loss, self.batches, self.tokens = self.zero.clone(), 0, 0
+        loss = self.zero if self.loss is None else self.loss  # None: a step of no micro-batch
+        self.kept.append((meta, [loss, norm, scale, skipped]))
+        self.loss, self.batches, self.tokens = None, 0, 0
         self.bar.update(1)
 
     def read(self, loop) -> list[dict[str, Any]]:

@@ -266,10 +266,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig, *,
                                                                 train_config.max_grad_norm)
                         lr = scheduler.get_last_lr()[0]  # the LR this step runs at
                         scale = steps.loss_scale()  # a device copy; None without a GradScaler
-                    # lesson: the same calls; the prepared optimizer and scheduler act on a sync
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
+                        # lesson: the same three calls on every micro-batch. The prepared ones
+                        # do nothing until the gradients are complete, but each call still costs
+                        # the host accelerate's checks (a package lookup in optimizer.step):
+                        # time a host-bound GPU waits for (lowvram._bench.host_ops)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
                 steps.add(loss, X.numel())  # lesson: loss.item() of one micro-batch
                 loop.batches_in_epoch += 1
                 if not accelerator.sync_gradients:

@@ -410,3 +410,38 @@ def test_gpu_results_from_a_lent_machine_go_into_the_readme(tmp_path: Path, caps
     with pytest.raises(SystemExit):
         bench.main(["--gpu-results", str(results)])
     assert "--gpu-results needs --gpu" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the host-bound proxy
+
+
+def test_host_bound_row_states_times_ratio_and_op_counts(cli_run: tuple[dict, Path]) -> None:
+    results, _ = cli_run
+    [h] = results["host_bound"]  # the tiny plan: fp32 only, the tiny model, 4 x 4
+    assert (h["precision"], h["micro_batch"], h["accumulation"], h["threads"]) == ("no", 4, 4, 1)
+    assert len(h["lowvram_s"]) == len(h["plain_s"]) == h["steps"] == 2
+    assert positive(h["ratio"]) and positive(h["lowvram_median_s"])
+    # StepLog's loss sum: one op per micro-batch (tests/test_host_ops.py has the breakdown)
+    assert h["ops_train"] - h["ops_plain"] == 4
+    [line] = [x for x in bench.format_table(results).splitlines() if "Host-bound proxy" in x]
+    assert "not a GPU measurement" in line and "fp32 4 x 4" in line
+    assert f"{h['ops_train']:,} / {h['ops_plain']:,} (+4); Python calls per step" in line
+    assert 0 < h["python_calls_train"] - h["python_calls_plain"] < 1000
+    assert bench.default_plan().host_bound_model.n_layer == get_preset("rtx2050")[0].n_layer
+
+
+def test_the_gpu_sections_ratios_stand_next_to_the_proxy(cli_run: tuple[dict, Path]) -> None:
+    from lowvram._bench.gpu import gpu_readme_section, not_measured_section, readme_gpu_ratios
+
+    section = gpu_readme_section(_gpu_results(), "python -m lowvram._bench --gpu --write-readme")
+    text = f"# x\n<!-- bench-gpu:start -->\n{section}\n<!-- bench-gpu:end -->\n"
+    ref = readme_gpu_ratios(text)
+    assert ref == {"gpu": "NVIDIA H200", "started_utc": "2026-12-04 16:30 UTC",
+                   "ratios": {"fp16 4 x 4 (the lesson's)": pytest.approx(93.1 / 72.7, abs=5e-4),
+                              "bf16 4 x 4": pytest.approx(50 / 49, abs=5e-4)}}
+    unmeasured = f"<!-- bench-gpu:start -->\n{not_measured_section('no CUDA')}\n<!-- bench-gpu:end -->"
+    assert readme_gpu_ratios(unmeasured) is None and readme_gpu_ratios("no markers") is None
+    lines = bench.format_table({**cli_run[0], "gpu_reference": ref}).splitlines()
+    [line] = [x for x in lines if x.startswith("| For comparison:")]
+    assert "NVIDIA H200" in line and "fp16 4 x 4 (the lesson's) **1.281**" in line
+    assert lines.index(line) == 1 + next(i for i, x in enumerate(lines) if "Host-bound proxy" in x)

@@ -17,9 +17,10 @@ From Python (``tiny_plan()`` runs in seconds; what the tests use)::
     print(format_table(results))
 
 This package only re-exports; the code is in its modules: ``suite`` (the plans, ``run_all``),
-``loops`` (items 1 and 2 below, and bf16 against fp32), ``probes`` (items 3-5), ``report`` (the
+``loops`` (items 1 and 2 below, bf16 against fp32, the host-bound model), ``probes`` (items 3-5), ``report`` (the
 table and the README's section), ``cli`` (``main``, which ``python -m lowvram._bench`` runs) and
-``paths`` (where the repository is), ``gpu`` (item 6: the GPU mode, its table and README section).
+``paths`` (where the repository is), ``gpu`` (item 6: the GPU mode, its table and README section),
+``host_ops`` (item 7: ops per step and the host-bound proxy; ``python -m lowvram._bench.host_ops``).
 
 What is measured. Absolute times on a shared machine are noise, so each figure that has a goal
 is a ratio of two things measured next to each other:
@@ -55,6 +56,12 @@ is a ratio of two things measured next to each other:
    (``torch.autocast`` + ``GradScaler``) on the rtx2050 model, fp16 4 x 4, bf16 4 x 4 and the
    planner's best 16 x 1 row; ms per step (CUDA events), tokens/s, the ratio (goal <= 1.05) and
    each run's peak allocated memory. Without a GPU the README's GPU section says so.
+7. **Host-bound proxy** (CPU part): on a fast GPU that model's step takes the host's time to
+   issue it. ``train()`` against the plain loop as in item 1, at 1 thread, on a model of the
+   rtx2050's depth (12 x 12) at a tiny width, whose CPU kernels take microseconds, so ms/step is
+   host time; with each loop's ATen ops per step (exact; ``tests/test_host_ops.py`` holds the
+   difference). Stated next to the ratios of the README's GPU section, not as a GPU figure.
+   Goal: <= 1.05, as on the GPU.
 """
 
 from __future__ import annotations

@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--threads={args.threads} is not allowed: use an integer >= 1")
         plan = dataclasses.replace(plan, threads=(args.threads,))
     results = run_all(plan, notebooks=not args.quick, log=_log)
+    results["gpu_reference"] = _gpu_reference(args.readme)  # stated next to the host-bound proxy
     _print_results(format_table(results), results, args.json)
     if args.write_readme:
         flags = [f"--{name.replace('_', '-')}" for name in ("json", "write_readme", "quick", "tiny")
@@ -97,6 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch.cuda.is_available() and not (args.tiny or args.json):  # `make bench` runs --gpu
         return _gpu_main(args)
     return 0
+
+
+def _gpu_reference(readme: str) -> dict | None:
+    """The train() / plain ratios the README's GPU section states (a GPU's measurement), if any."""
+    from lowvram._bench.gpu import readme_gpu_ratios
+
+    try:
+        return readme_gpu_ratios(Path(readme).read_text(encoding="utf-8"))
+    except OSError:
+        return None
 
 
 def _gpu_main(args: argparse.Namespace) -> int:

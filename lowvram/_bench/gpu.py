@@ -21,6 +21,7 @@ import datetime as dt
 import gc
 import io
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "gpu_loop_comparison",
     "gpu_readme_section",
     "not_measured_section",
+    "readme_gpu_ratios",
     "run_gpu",
 ]
 
@@ -297,6 +299,22 @@ def gpu_readme_section(results: dict[str, Any], command: str) -> str:
         f"pooled over the rounds. Peak: `torch.cuda.max_memory_allocated`, the largest of the "
         f"runs.",
     ])
+
+
+def readme_gpu_ratios(text: str) -> dict[str, Any] | None:
+    """The GPU, date and ``train()`` / plain ratio of each row of the GPU section in a README's
+    ``text`` (as :func:`gpu_readme_section` writes it); None where it holds no measured table.
+    The CPU part states them next to its host-bound proxy (``lowvram._bench.host_ops``)."""
+    if text.count(GPU_README_START) != 1 or text.count(GPU_README_END) != 1:
+        return None
+    section = text.split(GPU_README_START, 1)[1].split(GPU_README_END, 1)[0]
+    rows = re.findall(r"^\| (.+?) \| [\d.,]+ \| [\d.,]+ \| \*\*([\d.]+)\*\*", section, re.M)
+    gpu = re.search(r"^- \*\*GPU:\*\* ([^(,]+?) \(", section, re.M)
+    when = re.search(r"^- \*\*Command:\*\* `[^`]*`, (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", section, re.M)
+    if not rows or gpu is None:
+        return None
+    return {"gpu": gpu.group(1), "started_utc": when.group(1) if when else None,
+            "ratios": {name: float(ratio) for name, ratio in rows}}
 
 
 def not_measured_section(reason: str) -> str:

@@ -18,11 +18,14 @@ from typing import Any
 
 import torch
 
-from lowvram.config import ModelConfig, TrainConfig, check_positive_int
+from lowvram.config import ModelConfig, TrainConfig, check_positive_int, get_preset
 from lowvram.data import random_rows
 
 __all__ = [
+    "HOST_BOUND_MODEL",
     "bf16_vs_fp32",
+    "forced_fp16",
+    "host_bound_train_config",
     "loop_comparison",
     "matmul_flops",
     "step_breakdown",
@@ -64,9 +67,57 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 # --------------------------------------------------------------------------- the two loops
 
 
+# The host-bound proxy's model (lowvram._bench.host_ops): the rtx2050 preset's depth (12 layers,
+# 12 heads: its number of ops per step) at a tiny width (n_embd 48: head size 4), vocab and
+# block: on a CPU its kernels take microseconds, so a step costs what it costs the host to issue
+# it, as the real model's does on a fast GPU.
+_RTX2050 = get_preset("rtx2050")[0]
+HOST_BOUND_MODEL = ModelConfig(vocab_size=96, block_size=16, n_layer=_RTX2050.n_layer,
+                               n_head=_RTX2050.n_head, n_embd=4 * _RTX2050.n_head)
+
+
+def host_bound_train_config(precision: str = "no") -> TrainConfig:
+    """The lesson's 4 x 4 (micro-batch 4, accumulation 4) with ``precision``, as on the card."""
+    return get_preset("rtx2050")[1].replace(mixed_precision=precision,
+                                            per_device_train_batch_size=4,
+                                            gradient_accumulation_steps=4)
+
+
+@contextlib.contextmanager
+def forced_fp16(train_config: TrainConfig, init_scale: float = 2.0**16) -> Iterator[None]:
+    """``train()`` runs the GPU's fp16 path on the CPU: fp16 autocast with a GradScaler.
+
+    For measurements (and tests) only. ``lowvram.train``'s precision choice answers "fp16" and
+    its Accelerator forces the GradScaler (``lowvram.precision.force_grad_scaler``) as soon as
+    it is created, before ``prepare``. ``train_config.mixed_precision`` must be "fp16".
+    """
+    from unittest import mock
+
+    from accelerate import Accelerator
+
+    import lowvram.train
+    from lowvram.precision import force_grad_scaler
+
+    if train_config.mixed_precision != "fp16":
+        raise ValueError(f"mixed_precision={train_config.mixed_precision!r}: forced_fp16 runs "
+                         "fp16 only; use a TrainConfig with mixed_precision='fp16'")
+    reason = "fp16 autocast with a GradScaler forced on the CPU (a measurement)"
+
+    class ForcedFp16Accelerator(Accelerator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            force_grad_scaler(self, init_scale=init_scale)
+
+    with (mock.patch.object(lowvram.train, "resolve_precision",
+                            lambda requested, device: ("fp16", reason)),
+          mock.patch.object(lowvram.train, "Accelerator", ForcedFp16Accelerator)):
+        yield
+
+
 def _plain_loop(
     model_config: ModelConfig, train_config: TrainConfig, total_steps: int,
     train_data: torch.Tensor, val_data: torch.Tensor, device: torch.device | None = None,
+    *, fp16_on_cpu: bool = False,
 ) -> Iterator[None]:
     """A hand-written nanoGPT-style loop doing lowvram's work, one optimizer step per ``next``.
 
@@ -74,7 +125,9 @@ def _plain_loop(
     later one finishes the previous step (clip, AdamW, zero_grad) and runs the next step's
     micro-batches, so it yields where lowvram's ``on_optimizer_step`` callback runs: gradients complete.
     ``device``: the CPU (default) or a CUDA GPU, where fp16 runs under ``torch.autocast`` with a
-    ``GradScaler`` (unscale, clip, step, update), as in PyTorch's AMP recipe.
+    ``GradScaler`` (unscale, clip, step, update), as in PyTorch's AMP recipe. ``fp16_on_cpu``:
+    that fp16 path on the CPU (where fp16 otherwise runs as fp32), to set against ``train()``
+    under ``lowvram._bench.host_ops.forced_fp16``.
     """
     from lowvram.data import build_dataloaders
     from lowvram.model import GPTModel
@@ -85,6 +138,8 @@ def _plain_loop(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         precision, _ = resolve_precision(train_config.mixed_precision, device)
+    if fp16_on_cpu:
+        precision = "fp16"
     torch.manual_seed(train_config.seed)
     model = GPTModel(model_config).to(device)
     # as train() does (issue 19): the rows are valid, so no token-range read of each batch
@@ -108,7 +163,8 @@ def _plain_loop(
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
                 else contextlib.nullcontext())
     # fp16 on CUDA: scale the loss; disabled (a pass-through) everywhere else
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16"
+                                  and (device.type == "cuda" or fp16_on_cpu))
     batches = iter(train_loader)
     model.train()
     yield
@@ -139,6 +195,7 @@ def loop_comparison(
     skip: int = 1,
     matmul_n: int = 2048,
     log: Callable[[str], None] = lambda msg: None,
+    fp16_on_cpu: bool = False,
 ) -> dict[str, Any]:
     """lowvram's loop and the plain loop, step by step in turn, with a matmul between them.
 
@@ -151,6 +208,8 @@ def loop_comparison(
 
     Returns the median step time of each loop, the median of the per-step ratios lowvram /
     plain, training FLOP/s and their median per-step ratio to the matmul FLOP/s, and the raw times.
+    ``fp16_on_cpu``: both loops run fp16 autocast with a GradScaler on the CPU, as on a GPU
+    (``lowvram._bench.host_ops.forced_fp16``; ``train_config.mixed_precision`` must be "fp16").
     """
     from lowvram.train import train
 
@@ -163,7 +222,8 @@ def loop_comparison(
     # one spare window: no epoch end (with its evaluation and checkpoint) among the timed steps
     train_data = random_rows(model_config, (total + 1) * train_config.effective_batch_size, 0)
     val_data = random_rows(model_config, train_config.per_device_eval_batch_size, seed=1)
-    plain = _plain_loop(model_config, train_config, total, train_data, val_data)
+    plain = _plain_loop(model_config, train_config, total, train_data, val_data,
+                        fp16_on_cpu=fp16_on_cpu)
     next(plain)
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
     torch.mm(a, b)  # warm up the BLAS
@@ -197,7 +257,8 @@ def loop_comparison(
             max_steps=total, eval_interval=0, checkpoint_interval=0, eval_max_batches=1,
             log_interval=10**6, output_dir=out,
         )
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with (contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(),
+              forced_fp16(train_config) if fp16_on_cpu else contextlib.nullcontext()):
             warnings.simplefilter("ignore")
             train(model_config, timed_config, train_data=train_data, val_data=val_data,
                   progress=False, cpu=True, on_optimizer_step=hook)

@@ -30,6 +30,11 @@ def _threads(n: int) -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
 
+def _precision(precision: str) -> str:
+    return {"no": "fp32", "fp16": "fp16 (autocast and GradScaler forced on the CPU, as on a GPU)"
+            }.get(precision, precision)
+
+
 def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -53,6 +58,26 @@ def format_table(results: dict[str, Any]) -> str:
             f"(fastest matmul {r['matmul_flops_best'] / 1e9:.0f}): **{r['lowvram_efficiency']:.2f}**; "
             f"plain PyTorch {r['plain_flops'] / 1e9:.1f} GFLOP/s: {r['plain_efficiency']:.2f}",
             ">= 0.70" if r["goal"] else "-", _yes(r["lowvram_efficiency"] >= 0.70) if r["goal"] else "-",
+        ))
+    for h in results.get("host_bound") or []:
+        rows.append((
+            f"Host-bound proxy of a fast GPU (not a GPU measurement), {_precision(h['precision'])} "
+            f"{h['micro_batch']} x {h['accumulation']}, {_shape(h['model'])}, 1 thread: median "
+            "optimizer step, lowvram / plain PyTorch",
+            f"{h['lowvram_median_s'] * 1e3:.1f} ms / {h['plain_median_s'] * 1e3:.1f} ms: "
+            f"**{h['ratio']:.3f}** (median of {h['steps']} per-step ratios); ATen ops per step "
+            f"{h['ops_train']:,} / {h['ops_plain']:,} ({h['ops_train'] - h['ops_plain']:+,}); "
+            f"Python calls per step {h['python_calls_train']:,} / {h['python_calls_plain']:,} "
+            f"({h['python_calls_train'] - h['python_calls_plain']:+,})",
+            "<= 1.05", _yes(h["ratio"] <= 1.05),
+        ))
+    g = results.get("gpu_reference")
+    if results.get("host_bound") and g:
+        rows.append((
+            f"For comparison: `train()` / plain measured on a CUDA GPU ({g['gpu']}, "
+            f"{g['started_utc'] or 'date not stated'}; the GPU section below, not this machine)",
+            "; ".join(f"{name} **{ratio:.3f}**" for name, ratio in g["ratios"].items()),
+            "<= 1.05", "-",
         ))
     for b in results["breakdown"]:
         rows.append((
@@ -196,6 +221,16 @@ def readme_section(results: dict[str, Any], command: str) -> str:
         "the machine's default thread count and at 1 thread: with other jobs on the cores, "
         "2 OpenMP threads wait on each other in every small op (AdamW, LayerNorm, ...) far more "
         "than in a large matmul, while 1 thread is only time-sliced.",
+        "- **Host-bound proxy.** On a fast GPU the rtx2050 model's kernels finish before Python "
+        "issues the next ones, so a step takes the host's time to issue it (an H200: ~28 ms of "
+        "GPU work in a step of over 70 ms). The same loop comparison (1 thread) on a model of "
+        "its depth (12 layers, 12 heads: its number of ops) at a tiny width, whose CPU kernels "
+        "take microseconds, measures that host time on a CPU; `lowvram._bench.host_ops` also "
+        "counts each loop's ATen ops per step (exact on any machine; `tests/test_host_ops.py` "
+        "holds the difference) and Python function calls per step (exact for these library "
+        "versions). fp16: autocast and a GradScaler forced on the CPU in both loops (CPU fp16 "
+        "kernels are slow, so that row is less host-bound). A proxy: the GPU's own ratio is "
+        "measured only on a GPU.",
         "- **CPU efficiency.** Training FLOPs per token = 6 N + 12 n_layer n_embd T (N: parameters "
         "used in matmuls, without the token and position embeddings; the T x T attention term "
         "in full), times tokens per step, per second; divided, step by step, by "

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from lowvram._bench.loops import bf16_vs_fp32, loop_comparison, step_breakdown
+from lowvram._bench.loops import HOST_BOUND_MODEL, bf16_vs_fp32, loop_comparison, step_breakdown
 from lowvram._bench.paths import REPO
 from lowvram._bench.probes import import_cost, notebook_times, planner_bench
 from lowvram.config import ModelConfig, TrainConfig, get_preset
 
 __all__ = [
+    "HOST_BOUND_MODEL",
     "MID_MODEL",
     "BenchPlan",
     "LoopSpec",
@@ -68,6 +69,11 @@ class BenchPlan:
     bf16_micro_batch: int = 4
     bf16_steps: int = 5  # timed pairs (fp32, bf16 alternating), after one warm-up pair
     notebook_glob: str = "notebooks/[0-9]*.ipynb"  # the numbered lesson notebooks
+    # the host-bound proxy of a fast GPU (lowvram._bench.host_ops): the rtx2050's depth at a
+    # tiny width, 4 x 4, 1 thread, train() against the plain loop, per precision
+    host_bound_precisions: tuple[str, ...] = ("no", "bf16", "fp16")  # fp16: forced on the CPU
+    host_bound_model: ModelConfig = HOST_BOUND_MODEL
+    host_bound_steps: int = 20  # timed steps, after 2 dropped
     name: str = "default"
 
 
@@ -97,6 +103,9 @@ def tiny_plan() -> BenchPlan:
         bf16_model=model,
         bf16_steps=2,
         import_repeats=1,
+        host_bound_precisions=("no",),
+        host_bound_model=model,
+        host_bound_steps=2,
         name="tiny",
     )
 
@@ -190,6 +199,14 @@ def run_all(
             })
     finally:
         torch.set_num_threads(default_threads)
+
+    from lowvram._bench.host_ops import host_bound  # python -m lowvram._bench.host_ops runs it
+
+    m = plan.host_bound_model
+    stage(f"host-bound proxy: {m.n_layer}x{m.n_embd}, {', '.join(plan.host_bound_precisions)}, "
+          "1 thread")
+    results["host_bound"] = host_bound(plan.host_bound_precisions, steps=plan.host_bound_steps,
+                                       model_config=m, log=log)
 
     stage(f"bf16 autocast vs fp32: {plan.bf16_model.n_layer}x{plan.bf16_model.n_embd}, "
           f"{torch.get_num_threads()} threads")
