@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +25,14 @@ os.environ["LOWVRAM_CACHE_DIR"] = "off"
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL, TRAIN = get_preset("tiny")  # vocab 96, block 16, 2 x 2 x 32; batch 2 x accum 2
+
+
+def free_port() -> int:
+    """A TCP port that is free now, for a multi-process test's rendezvous: a fixed one collides
+    with another run of the same tests on the machine (two checkouts, parallel test parts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rows(n: int, seed: int = 0, model: ModelConfig = MODEL) -> torch.Tensor:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import tqdm
 import transformers
-from conftest import MODEL, REPO, TRAIN, max_diff, rows, run, weights, write_data
+from conftest import MODEL, REPO, TRAIN, free_port, max_diff, rows, run, weights, write_data
 
 import lowvram
 from lowvram.config import get_preset
@@ -509,7 +509,7 @@ def test_two_processes_equal_one_notebook_launcher(tmp_path):
                         num_epochs=2)
         def run(model, tc):  # a named function: torch's elastic launch needs __name__
             train(model, tc, train_data=tr, val_data=va, progress=False)
-        notebook_launcher(run, args=(model, tc), num_processes=2, use_port="29531")
+        notebook_launcher(run, args=(model, tc), num_processes=2, use_port="{free_port()}")
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=300)
@@ -544,7 +544,7 @@ def test_two_processes_equal_one_accelerate_launch(tmp_path):
     write_data(tmp_path / "data", n_train)
     one = run(tmp_path / "one", n_train=n_train, gradient_accumulation_steps=4)
     # --multi_gpu is accelerate's torchrun launcher; without a GPU each process uses the CPU
-    proc = launch(tmp_path, ["--multi_gpu"], 29532, "--output-dir", str(tmp_path / "two"),
+    proc = launch(tmp_path, ["--multi_gpu"], free_port(), "--output-dir", str(tmp_path / "two"),
                   "--gradient-accumulation-steps", "2")
     assert proc.stdout.count("final val loss") == 1  # printed by the main process only
     two = json.loads((tmp_path / "two" / "history.json").read_text())
@@ -558,7 +558,7 @@ def test_two_processes_equal_one_accelerate_launch(tmp_path):
 def test_accelerate_launch_cpu_starts_one_process(tmp_path):
     """`accelerate launch --cpu --num_processes 2` runs ONE process; lowvram says so."""
     write_data(tmp_path / "data", 8)
-    proc = launch(tmp_path, ["--cpu"], 29533, "--output-dir", str(tmp_path / "cpu"),
+    proc = launch(tmp_path, ["--cpu"], free_port(), "--output-dir", str(tmp_path / "cpu"),
                   "--max-steps", "1")
     assert "starts only one" in proc.stderr
     assert json.loads((tmp_path / "cpu" / "history.json").read_text())["num_processes"] == 1

@@ -6,13 +6,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import MODEL, REPO, TRAIN, write_data
+from conftest import MODEL, REPO, TRAIN, free_port, write_data
 
 import lowvram.train
 from lowvram.train import reset_accelerate_state
@@ -26,12 +25,6 @@ def _script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(args: list[str], tmp_path) -> str:
@@ -89,7 +82,7 @@ def test_accelerate_launch_one_and_two_cpu_processes(tmp_path):
     common = [str(SCRIPT), "--preset", "tiny", "--data-dir", str(data), "--log-every", "1"]
     one = _launch(["--num_processes", "1", *common], tmp_path)
     two = _launch(["--multi_gpu", "--num_processes", "2", "--main_process_port",
-                   str(_free_port()), *common, "--gradient-accumulation-steps", "1"], tmp_path)
+                   str(free_port()), *common, "--gradient-accumulation-steps", "1"], tmp_path)
     assert "processes: 1 | effective batch: 4 | steps: 4" in one
     assert "processes: 2 | effective batch: 4 | steps: 4" in two
     assert len(_losses(one)) == len(_losses(two)) == 4
