@@ -46,9 +46,8 @@ def planner_bench(
         # every step recorded afresh (the disk cache off), except the whole plan's run, which
         # fills a fresh cache folder for the two "from the disk" measurements after it
         with _cache_dir("off"):
-            result = _planner_runs(memory, planner_model, micro_batch, real_model, real_micro_batch,
-                                   repeats, Path(tmp))
-        return result
+            return _planner_runs(memory, planner_model, micro_batch, real_model, real_micro_batch,
+                                 repeats, Path(tmp))
 
 
 @contextlib.contextmanager

@@ -453,15 +453,13 @@ def record_fake(
     GPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    _recorded.add((cfg, micro_batch, recipe, target, max_grad_norm, cuda_capability, accumulation,
-                   shortcut))
+    key = (cfg, micro_batch, recipe, target, max_grad_norm, cuda_capability, accumulation, shortcut)
+    _recorded.add(key)
     # plan()'s workers record with the default evaluation only (and plan() clears the rest)
-    shipped = _shipped.pop((cfg, micro_batch, recipe, target, max_grad_norm, cuda_capability,
-                            accumulation, shortcut), None) if evaluation and eval_batch == EVAL_BATCH else None
+    shipped = _shipped.pop(key, None) if evaluation and eval_batch == EVAL_BATCH else None
     if shipped is not None:
         return shipped  # recorded by one of plan()'s worker processes: the same code, the same run
-    args = (cfg, micro_batch, recipe, target, max_grad_norm, cuda_capability, accumulation,
-            shortcut, evaluation, eval_batch)
+    args = (*key, evaluation, eval_batch)  # all of this call's arguments: the disk cache's key
     stored = _load_stored(args)
     if stored is not None:
         return stored  # recorded on this machine before, by this code and this torch
