@@ -439,6 +439,9 @@ def save_model_and_history(accelerator, model, output_dir: Path, history: dict[s
     tmp = output_dir / ".model.tmp"  # one name for every process; the lock keeps others out
     try:
         accelerator.save_model(model, str(tmp))  # unwraps; -> model.safetensors
+        # Every process enters save_model (it creates and lists the folder; only the main one
+        # writes): the main process must not move or remove the folder before all have left it.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             os.replace(tmp / MODEL_FILE, output_dir / MODEL_FILE)
             write_history(output_dir, history)

@@ -22,9 +22,11 @@ import lowvram.outputdir
 from lowvram.outputdir import (
     HISTORY_FILE,
     LOCK_FILE,
+    MODEL_FILE,
     OutputDirInUseError,
     OutputDirLock,
     claim_output_dir,
+    save_model_and_history,
     write_history,
 )
 from lowvram.train import main
@@ -161,3 +163,53 @@ def test_cli_output_dir_errors_are_one_line(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: NotADirectoryError: output_dir=") and err.count("\n") == 1
+
+
+def test_final_save_waits_for_every_process_to_leave_save_model(tmp_path):
+    """accelerate's save_model creates and lists the folder in every process; only the main one
+    writes. The main process must not move or remove the folder while a slower one is still in
+    there (a 2-process CI run failed with FileNotFoundError on ``.model.tmp``)."""
+    import threading
+    import time
+
+    barrier = threading.Barrier(2, timeout=30)
+    errors: list[BaseException] = []
+
+    class Process:  # what save_model_and_history uses of an Accelerator, one per "process"
+        scaler = None
+
+        def __init__(self, main: bool):
+            self.is_main_process = main
+
+        def wait_for_everyone(self):
+            barrier.wait()
+
+        def save_model(self, model, folder):
+            if not self.is_main_process:
+                time.sleep(0.3)  # the slower process
+            os.makedirs(folder, exist_ok=True)  # as accelerate does, in every process
+            os.listdir(folder)
+            if self.is_main_process:
+                Path(folder, MODEL_FILE).write_bytes(b"weights")
+
+        def print(self, *args):
+            pass
+
+    history = {"final_val_loss": 1.0, "steps": [], "skipped_steps": 0}
+
+    def one(main: bool):
+        try:
+            save_model_and_history(Process(main), None, tmp_path, history)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=one, args=(m,)) for m in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert (tmp_path / MODEL_FILE).read_bytes() == b"weights"
+    assert not (tmp_path / ".model.tmp").exists()
+    assert json.loads((tmp_path / HISTORY_FILE).read_text())["final_val_loss"] == 1.0
