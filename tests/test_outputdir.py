@@ -12,6 +12,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -169,9 +171,6 @@ def test_final_save_waits_for_every_process_to_leave_save_model(tmp_path):
     """accelerate's save_model creates and lists the folder in every process; only the main one
     writes. The main process must not move or remove the folder while a slower one is still in
     there (a 2-process CI run failed with FileNotFoundError on ``.model.tmp``)."""
-    import threading
-    import time
-
     barrier = threading.Barrier(2, timeout=30)
     errors: list[BaseException] = []
 
