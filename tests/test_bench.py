@@ -266,6 +266,49 @@ def test_gpu_table_states_times_ratio_tokens_and_peaks() -> None:
     assert lines[-1] == "- 16 x 1 row 'fp16 + chunked loss + 8-bit AdamW': not run: no bitsandbytes"
 
 
+@pytest.mark.parametrize(("ratio", "interval", "shown", "met"), [
+    (1.02, (1.010, 1.040), "**1.020** (95%: 1.010-1.040)", "yes"),
+    (1.07, (1.060, 1.090), "**1.070** (95%: 1.060-1.090)", "**no**"),
+    (1.02, (1.000, 1.080), "**1.020** (95%: 1.000-1.080)", "not decided (the interval holds the goal)"),
+])  # fmt: skip
+def test_a_paired_rows_goal_is_judged_on_its_interval(ratio, interval, shown, met) -> None:
+    """A paired row meets the goal only if its whole 95% interval does: a median of 1.020 whose
+    interval reaches 1.08 has not shown <= 1.05."""
+    from lowvram._bench.gpu import format_gpu_table
+
+    results = _gpu_results()
+    results["rows"] = [{**results["rows"][1], "method": "paired", "ratio": ratio,
+                        "ratio_interval": interval}]
+    row = format_gpu_table(results).splitlines()[2]
+    assert f"| {shown} |" in row and row.endswith(f"| {met} |")
+
+
+def test_median_interval_is_the_binomial_order_statistics() -> None:
+    from lowvram._bench.gpu import median_interval
+
+    # n = 24: P(Binomial(24, 1/2) <= 6) = 0.0113 <= 0.025 < P(... <= 7) = 0.0320: the 7th and
+    # 18th of the sorted values
+    assert median_interval([float(x) for x in range(24, 0, -1)]) == (7.0, 18.0)
+    assert median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == (1.0, 6.0)  # n = 6: the extremes
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 1/32 > 0.025: too few for 95%
+
+
+def test_paired_memory_gives_each_loop_its_own_peak() -> None:
+    """Both loops on the GPU, taking turns: the allocator sees their sum. Made-up bytes: base
+    10; the plain loop holds 100 after its build; train()'s first turn peaks at 300 of its own
+    and ends holding 200; the plain loop's turn peaks at 250 and ends at 120; train()'s next
+    turn peaks at 350 and ends at 200 again."""
+    from lowvram._bench.gpu import _PairedMemory
+
+    m = _PairedMemory(base=10, plain=100)
+    m.turn_ended("train", 10 + 200 + 100, 10 + 300 + 100)
+    assert m.peak == {"train": 10 + 300, "plain": 0} and m.own == {"train": 200, "plain": 100}
+    m.turn_ended("plain", 10 + 200 + 120, 10 + 200 + 250)
+    assert m.peak == {"train": 310, "plain": 10 + 250} and m.own == {"train": 200, "plain": 120}
+    m.turn_ended("train", 10 + 200 + 120, 10 + 350 + 120)
+    assert m.peak == {"train": 10 + 350, "plain": 260}
+
+
 def test_gpu_readme_section_names_the_gpu_and_goes_between_its_markers(tmp_path: Path) -> None:
     from lowvram._bench.gpu import (
         GPU_README_END,
@@ -346,11 +389,17 @@ def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> 
     from lowvram._bench import gpu, loops
     from lowvram.memory import Recipe
 
+    MiB = 2**20
+    free = {"bytes": 80 * 2**30}  # the GPU's free memory: room for both loops at first
     for name, value in {"is_available": True, "is_bf16_supported": False, "synchronize": None,
                         "empty_cache": None, "reset_peak_memory_stats": None,
-                        "max_memory_allocated": 123 * 2**20}.items():
+                        "max_memory_allocated": 123 * MiB, "memory_allocated": 100 * MiB,
+                        "memory_stats": {"allocated_bytes.all.current": 200 * MiB,
+                                         "allocated_bytes.all.peak": 300 * MiB}}.items():
         monkeypatch.setattr(torch.cuda, name, lambda *a, _v=value, **k: _v)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free["bytes"], 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(gpu, "_warm_cublas", lambda: None)
     monkeypatch.setattr(gpu, "gpu_info", lambda: {"name": "Fake GPU"})
     real_train, real_plain = lowvram.train.train, loops._plain_loop
     monkeypatch.setattr(lowvram.train, "train", lambda *a, **k: real_train(*a, **{**k, "cpu": True}))
@@ -377,18 +426,38 @@ def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> 
         assert specs[1].train.optimizer == "adamw8bit" and specs[1].model.loss_chunk_size == 8
     assert (specs[1].train.per_device_train_batch_size, specs[1].train.gradient_accumulation_steps) == (16, 1)
 
+    # paired: one train() run whose hook runs the plain loop's steps, 6 timed after 1 warm-up
+    results = gpu.run_gpu(specs[:1], steps=6, warmup=1)
+    (row,) = results["rows"]
+    assert row["method"] == "paired" and row["round_ratios"] == [] and row["rounds"] == 1
+    assert len(row["lowvram_ms"]) == len(row["plain_ms"]) == len(row["step_ratios"]) == 6
+    assert all(positive(x / 1e3) for x in row["lowvram_ms"] + row["plain_ms"])
+    assert row["step_ratios"] == [a / b for a, b in zip(row["lowvram_ms"], row["plain_ms"], strict=True)]
+    assert row["ratio"] == statistics.median(row["step_ratios"])
+    assert row["ratio_interval"] == (min(row["step_ratios"]), max(row["step_ratios"]))  # n = 6
+    assert "95%: " in gpu.format_gpu_table(results) and "taking turns step by step" in \
+        gpu.gpu_readme_section({**results, "gpu": _gpu_results()["gpu"]}, "x")
+    # the fake allocator: 100 MiB before either loop (base) and after the plain loop's build
+    # (so it holds 0 of its own), 200 MiB at each turn's end, a peak of 300 MiB in each turn
+    assert row["lowvram_peak_bytes"] == (300 - 0) * MiB  # less what the plain loop held: 0
+    assert row["plain_peak_bytes"] == (300 - 100) * MiB  # less train()'s own: 200 - base 100
+    assert row["tokens_per_step"] == 4 * 4 * MODEL.block_size  # the 4 x 4 spec
+    assert results["gpu"] == {"name": "Fake GPU"} and results["notes"] == []
+
+    # too little free memory for both at once: one after the other, rounds in turn, and a note
+    free["bytes"] = 1 * MiB
     results = gpu.run_gpu(specs[:1], steps=2, warmup=1, rounds=2)
     (row,) = results["rows"]
+    assert row["method"] == "rounds" and row["ratio_interval"] is None
     assert len(row["lowvram_ms"]) == len(row["plain_ms"]) == 2 * 2  # 2 steps, 2 rounds
-    assert all(positive(x / 1e3) for x in row["lowvram_ms"] + row["plain_ms"])
     assert row["ratio"] == row["lowvram_median_ms"] / row["plain_median_ms"]
     assert row["round_ratios"] == [  # each round: its own train() run against its plain run
         statistics.median(row["lowvram_ms"][i:i + 2]) / statistics.median(row["plain_ms"][i:i + 2])
         for i in (0, 2)]
     assert f"**{row['ratio']:.3f}** ({row['round_ratios'][0]:.2f}, " in gpu.format_gpu_table(results)
-    assert row["tokens_per_step"] == 4 * 4 * MODEL.block_size  # the 4 x 4 spec
-    assert row["lowvram_peak_bytes"] == row["plain_peak_bytes"] == 123 * 2**20
-    assert results["gpu"] == {"name": "Fake GPU"} and results["notes"] == []
+    assert row["lowvram_peak_bytes"] == row["plain_peak_bytes"] == 123 * MiB
+    assert results["notes"] == [f"{row['name']}: {row['note']}"]
+    assert row["note"].startswith("not paired: 0.0 GiB free on the GPU, two loops at once need")
 
 
 def test_gpu_results_from_a_lent_machine_go_into_the_readme(tmp_path: Path, capsys) -> None:

@@ -4,14 +4,18 @@
     python -m lowvram._bench --gpu --write-readme   # ... and the README's GPU section
 
 For each configuration on the rtx2050 model (the lesson's fp16 4 x 4, bf16 4 x 4, and the
-planner's best 16 x 1 row for a 4 GiB card), one ``lowvram.train.train`` run and one run of the
-hand-written loop of ``lowvram._bench.loops`` (``torch.autocast`` + ``GradScaler``, the same
-model, optimizer, data and accumulation, clipping once the gradients are complete), one after
-the other on an otherwise idle GPU. A step is timed on the GPU's own clock: a CUDA event is
-recorded each time the gradients are complete (lowvram's ``on_optimizer_step`` callback; the
-plain loop's yield), with no synchronisation in between, so a loop whose Python cannot keep the
-GPU busy shows as slower. Reported: the median ms per optimizer step after ``warmup`` steps,
-tokens/s, the ratio train() / plain (goal <= 1.05), and each run's peak allocated memory.
+planner's best 16 x 1 row for a 4 GiB card), ``lowvram.train.train`` against the hand-written
+loop of ``lowvram._bench.loops`` (``torch.autocast`` + ``GradScaler``, the same model,
+optimizer, data and accumulation, clipping once the gradients are complete), on an otherwise
+idle GPU. Both loops live on the GPU at once and take turns, one optimizer step each: train()'s
+``on_optimizer_step`` callback runs one step of the plain loop. Each turn is timed on the GPU's
+own clock, between CUDA events recorded where a loop's gradients are complete, with no
+synchronisation added, so a loop whose Python cannot keep the GPU busy shows as slower; and
+step k of one loop runs next to step k of the other, so the host's drift hits both alike (two H200
+runs two hours apart timed the plain loop's bf16 step at 82 and 122 ms). Reported: the median ms per
+optimizer step after ``warmup`` steps, tokens/s, the ratio train() / plain (the median per-step
+ratio, with its 95% interval; goal <= 1.05), and each loop's peak allocated memory. Where the
+two do not fit on the GPU together (a 4 GiB card), they run one after the other.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import datetime as dt
 import gc
 import io
+import math
 import platform
 import re
 import statistics
@@ -130,14 +135,77 @@ def _intervals(events: list[torch.cuda.Event], warmup: int) -> list[float]:
     return [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=True)][warmup:]
 
 
-def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 8, warmup: int = 3,
-                        rounds: int = 2) -> dict[str, Any]:
-    """``train()`` then the plain loop on ``spec``, ``rounds`` times in turn, each run
-    ``warmup + steps`` timed steps; the medians pool the rounds' steps.
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median of ``values``: the order statistics
+    ``k`` and ``n + 1 - k`` (1-based), ``k`` the largest with P(Binomial(n, 1/2) < k) <=
+    (1 - level) / 2, so the interval holds the true median with probability >= ``level`` (for
+    any distribution of independent values). None where ``values`` are too few (n < 6 at 95%)."""
+    xs = sorted(values)
+    n, tail, below, k = len(xs), (1 - level) / 2, 0.0, 0
+    while k < n and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    return None if k == 0 else (xs[k - 1], xs[n - k])
 
-    On a fast GPU this model's step is bound by the host (Python issuing kernels: measured on
-    an H200, 28 ms of GPU work in a step of over 100 ms), so the machine's other load moves a
-    run's time; taking the loops in turn, more than once, keeps that drift out of the ratio.
+
+class _PairedMemory:
+    """Each loop's own allocated peak while both live on the GPU and take turns.
+
+    A loop that waits (the plain loop inside train()'s hook, train() while the plain loop runs
+    its step) neither allocates nor frees, so at each turn the allocator's current bytes less
+    the running loop's own are the waiting loop's. Every turn ends with one reading (current
+    bytes, peak since the last reading), and the peak is reset: the running loop's own peak in
+    that turn is the reading's peak less the waiting loop's bytes. Both peaks include ``base``
+    (what was allocated before either loop: the cuBLAS workspaces), as a run alone would.
+    """
+
+    def __init__(self, base: int, plain: int) -> None:
+        self.base = base
+        self.own = {"train": 0, "plain": plain}  # each loop's bytes, without base
+        self.peak = {"train": 0, "plain": 0}
+
+    def turn_ended(self, loop: str, current: int, peak: int) -> None:
+        waiting = "plain" if loop == "train" else "train"
+        self.peak[loop] = max(self.peak[loop], peak - self.own[waiting])
+        self.own[loop] = current - self.base - self.own[waiting]
+
+
+def _reading() -> tuple[int, int]:
+    """(allocated bytes now, the peak since the last reset), then a reset: the caching
+    allocator's host-side counters, no wait for the GPU."""
+    stats = torch.cuda.memory_stats()
+    torch.cuda.reset_peak_memory_stats()
+    return stats.get("allocated_bytes.all.current", 0), stats.get("allocated_bytes.all.peak", 0)
+
+
+def _warm_cublas() -> None:
+    """A matmul forward and backward, in fp32 and under fp16 autocast, so that the cuBLAS
+    workspaces (one per thread: autograd's backward runs in a thread of its own) exist before
+    a measurement starts, shared by both loops instead of counted in whichever came first."""
+    x = torch.ones(64, 64, device="cuda", requires_grad=True)
+    (x @ x).sum().backward()
+    with torch.autocast("cuda", dtype=torch.float16):
+        (x @ x).float().sum().backward()
+    del x
+
+
+def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, rounds: int = 2,
+                        paired: bool = True) -> dict[str, Any]:
+    """``train()`` against the plain loop on ``spec``: ``warmup + steps`` timed steps.
+
+    ``paired`` (the default): both loops at once, step by step in turn, as the CPU bench does
+    (``loops.loop_comparison``): one ``train()`` run whose ``on_optimizer_step`` runs one step
+    of the plain loop, a CUDA event on each side of it. So step k of each loop runs next to
+    step k of the other, and whatever the machine does meanwhile (the host's other load, its
+    clock) hits both alike. The ratio is the median of the per-step ratios, with a 95%
+    interval (:func:`median_interval`). It needs both loops in GPU memory; where they do not fit,
+    the GPU runs out of memory and the sequential way runs instead (a note says so).
+
+    Sequential (``paired=False``): a ``train()`` run, then a plain run, ``rounds`` times in
+    turn; the medians pool the rounds' steps. On a fast GPU this model's step is bound by the
+    host (an H200: 28 ms of GPU work in a step of over 100 ms), whose drift between runs is
+    larger than the difference sought: two H200 runs this way, two hours apart, timed the plain
+    loop's bf16 step at 82 and 122 ms. Hence the paired default.
     """
     from lowvram._bench.loops import _plain_loop
     from lowvram.data import random_rows
@@ -159,9 +227,7 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 8, warmup: int = 3,
         event.record()
         events.append(event)
 
-    def run_train() -> tuple[list[float], int]:
-        _free()
-        events: list[torch.cuda.Event] = []
+    def run_train(hook: Callable[[torch.nn.Module], None]) -> None:
         with (tempfile.TemporaryDirectory() as out, warnings.catch_warnings(),
               contextlib.redirect_stdout(io.StringIO())):  # train()'s own lines: not the bench's
             warnings.simplefilter("ignore")
@@ -169,36 +235,98 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 8, warmup: int = 3,
                                           eval_max_batches=1, checkpoint_interval=0,
                                           keep_checkpoints=1, log_interval=10**6, output_dir=out)
             train(model_config, config, train_data=rows, val_data=val, progress=False,
-                  cpu=False, on_optimizer_step=lambda model: record(events))
-        return _intervals(events, warmup), torch.cuda.max_memory_allocated(device)
+                  cpu=False, on_optimizer_step=hook)
 
-    def run_plain() -> tuple[list[float], int]:
+    def run_paired() -> dict[str, Any]:
         _free()
-        events: list[torch.cuda.Event] = []
+        _warm_cublas()
+        _free()
+        base = torch.cuda.memory_allocated(device)
         plain = _plain_loop(model_config, train_config, total, rows, val, device)
         next(plain)  # build the model, optimizer and loader
-        for _ in range(total):
+        memory = _PairedMemory(base, torch.cuda.memory_allocated(device) - base)
+        torch.cuda.reset_peak_memory_stats()
+        ends: list[torch.cuda.Event] = []  # train()'s gradients complete: its turn ends
+        starts: list[torch.cuda.Event] = []  # the plain loop's step done: train()'s turn starts
+
+        def hook(model: torch.nn.Module) -> None:  # one reading and one event per turn each
+            memory.turn_ended("train", *_reading())
+            record(ends)
             next(plain)
-            record(events)
-        plain.close()
-        del plain
+            memory.turn_ended("plain", *_reading())
+            record(starts)
+
+        try:
+            run_train(hook)
+            memory.turn_ended("train", *_reading())  # its last step, evaluation and save
+        finally:
+            plain.close()  # its model and optimizer go with this function's frame
+        torch.cuda.synchronize()
+        # hook k: the plain loop's step k (its AdamW update of step k - 1, then the
+        # micro-batches of step k) from ends[k] to starts[k]; train()'s step k, the same work,
+        # from starts[k - 1] to ends[k]. Hook 0 has no train() step before it: dropped.
+        lv = [starts[k - 1].elapsed_time(ends[k]) for k in range(1, total)][warmup:]
+        pl = [ends[k].elapsed_time(starts[k]) for k in range(1, total)][warmup:]
+        return {"lowvram_ms": lv, "plain_ms": pl,
+                "step_ratios": [a / b for a, b in zip(lv, pl, strict=True)],
+                "lowvram_peak_bytes": memory.peak["train"], "plain_peak_bytes": memory.peak["plain"]}
+
+    def run_alone(loop: str) -> tuple[list[float], int]:
+        _free()
+        events: list[torch.cuda.Event] = []
+        if loop == "train":
+            run_train(lambda model: record(events))
+        else:
+            plain = _plain_loop(model_config, train_config, total, rows, val, device)
+            next(plain)  # build the model, optimizer and loader
+            for _ in range(total):
+                next(plain)
+                record(events)
+            plain.close()
+            del plain
         return _intervals(events, warmup), torch.cuda.max_memory_allocated(device)
 
-    lowvram_ms: list[float] = []
-    plain_ms: list[float] = []
-    round_ratios = []
-    lowvram_peak = plain_peak = 0
-    for _ in range(rounds):
-        ms, peak = run_train()
-        lowvram_ms += ms
-        lowvram_peak = max(lowvram_peak, peak)
-        ms2, peak = run_plain()
-        plain_ms += ms2
-        plain_peak = max(plain_peak, peak)
-        round_ratios.append(statistics.median(ms) / statistics.median(ms2))
+    result: dict[str, Any] = {"method": "paired", "round_ratios": [], "note": None}
+    if paired:  # two loops' weights, gradients and AdamW moments (16 bytes a parameter), x 1.25
+        from lowvram.model import GPTModel
+
+        with torch.device("meta"):  # shapes only
+            need = int(2 * 16 * 1.25 * GPTModel(model_config).num_parameters())
+        free = torch.cuda.mem_get_info(device)[0]
+        if free < need:
+            paired = False
+            result["note"] = (f"not paired: {free / 2**30:.1f} GiB free on the GPU, two loops at "
+                              f"once need about {need / 2**30:.1f} GiB; measured one after the "
+                              f"other, {rounds} rounds")
+    if paired:
+        try:
+            result.update(run_paired())
+        except torch.OutOfMemoryError as err:  # both loops do not fit: one after the other
+            _free()
+            paired = False
+            first = (str(err).splitlines() or [""])[0][:120]
+            result["note"] = (f"not paired: both loops at once ran out of GPU memory ({first}); "
+                              f"measured one after the other, {rounds} rounds")
+    if not paired:
+        lowvram_ms: list[float] = []
+        plain_ms: list[float] = []
+        peaks = {"train": 0, "plain": 0}
+        for _ in range(rounds):
+            ms, peak = run_alone("train")
+            ms2, peak2 = run_alone("plain")
+            lowvram_ms, plain_ms = lowvram_ms + ms, plain_ms + ms2
+            peaks = {"train": max(peaks["train"], peak), "plain": max(peaks["plain"], peak2)}
+            result["round_ratios"].append(statistics.median(ms) / statistics.median(ms2))
+        result.update(method="rounds", lowvram_ms=lowvram_ms, plain_ms=plain_ms,
+                      lowvram_peak_bytes=peaks["train"], plain_peak_bytes=peaks["plain"])
     _free()
     tokens = batch * model_config.block_size
-    lv, pl = statistics.median(lowvram_ms), statistics.median(plain_ms)
+    lv, pl = statistics.median(result["lowvram_ms"]), statistics.median(result["plain_ms"])
+    if result["method"] == "paired":
+        ratio = statistics.median(result["step_ratios"])
+        interval = median_interval(result["step_ratios"])
+    else:
+        ratio, interval = lv / pl, None
     return {
         "name": spec.name,
         "precision": train_config.mixed_precision,
@@ -210,23 +338,22 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 8, warmup: int = 3,
         "tokens_per_step": tokens,
         "steps": steps,
         "warmup": warmup,
-        "rounds": rounds,
-        "round_ratios": round_ratios,
-        "lowvram_ms": lowvram_ms,
-        "plain_ms": plain_ms,
+        "rounds": rounds if result["method"] == "rounds" else 1,
+        **result,
         "lowvram_median_ms": lv,
         "plain_median_ms": pl,
-        "ratio": lv / pl,
+        "ratio": ratio,
+        "ratio_interval": interval,
         "lowvram_tokens_per_s": tokens / (lv / 1e3),
         "plain_tokens_per_s": tokens / (pl / 1e3),
-        "lowvram_peak_bytes": lowvram_peak,
-        "plain_peak_bytes": plain_peak,
     }
 
 
-def run_gpu(specs: list[GpuSpec] | None = None, *, steps: int = 8, warmup: int = 3,
-            rounds: int = 2, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    """Every configuration of ``specs`` (default: :func:`default_gpu_specs`); the results."""
+def run_gpu(specs: list[GpuSpec] | None = None, *, steps: int = 30, warmup: int = 3,
+            rounds: int = 2, paired: bool = True,
+            log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Every configuration of ``specs`` (default: :func:`default_gpu_specs`); the results.
+    ``steps``, ``warmup``, ``rounds``, ``paired``: :func:`gpu_loop_comparison`'s."""
     if not torch.cuda.is_available():
         raise RuntimeError("the GPU bench needs a CUDA GPU: torch.cuda.is_available() is False")
     t0 = time.perf_counter()
@@ -236,18 +363,21 @@ def run_gpu(specs: list[GpuSpec] | None = None, *, steps: int = 8, warmup: int =
         specs, notes = default_gpu_specs(log)
     rows = []
     for spec in specs:
-        log(f"  GPU: {spec.name} ({warmup} + {steps} steps, train() then the plain loop, "
-            f"{rounds}x)")
+        how = "the two loops step by step in turn" if paired else f"one after the other, {rounds}x"
+        log(f"  GPU: {spec.name} ({warmup} + {steps} steps, {how})")
         try:
-            rows.append(gpu_loop_comparison(spec, steps=steps, warmup=warmup, rounds=rounds))
+            rows.append(gpu_loop_comparison(spec, steps=steps, warmup=warmup, rounds=rounds,
+                                            paired=paired))
         except Exception as err:  # e.g. out of memory: say so in the table's notes, go on
             notes.append(f"{spec.name}: failed: {type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0][:300]}")
             _free()
         else:
             r = rows[-1]
+            if r.get("note"):
+                notes.append(f"{spec.name}: {r['note']}")
             log(f"    train() {r['lowvram_median_ms']:.1f} ms, plain {r['plain_median_ms']:.1f} ms: "
-                f"{r['ratio']:.3f}")
+                f"{r['ratio']:.3f}{_spread(r)}")
     return {"gpu": gpu_info(), "started_utc": started, "total_s": time.perf_counter() - t0,
             "rows": rows, "notes": notes}
 
@@ -255,10 +385,24 @@ def run_gpu(specs: list[GpuSpec] | None = None, *, steps: int = 8, warmup: int =
 # --------------------------------------------------------------------------- reports
 
 
-def _rounds(row: dict[str, Any]) -> str:
-    """Each round's ratio, where there was more than one: the spread of the host's noise."""
+def _spread(row: dict[str, Any]) -> str:
+    """How sure the ratio is. Paired: the 95% interval of the median per-step ratio. One after
+    the other: each round's ratio, where there was more than one."""
+    interval = row.get("ratio_interval")
+    if interval:
+        return f" (95%: {interval[0]:.3f}-{interval[1]:.3f})"
     ratios = row.get("round_ratios") or []
     return f" ({', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
+
+
+def goal_met(row: dict[str, Any]) -> str:
+    """"yes" / "**no**" for the ratio against the goal; with an interval, "yes" only if all of
+    it is at or below the goal, "**no**" only if all of it is above, else "not decided"."""
+    interval = row.get("ratio_interval")
+    low, high = interval if interval else (row["ratio"], row["ratio"])
+    if high <= GOAL:
+        return "yes"
+    return "**no**" if low > GOAL else "not decided (the interval holds the goal)"
 
 
 def format_gpu_table(results: dict[str, Any]) -> str:
@@ -270,18 +414,35 @@ def format_gpu_table(results: dict[str, Any]) -> str:
     for r in results["rows"]:
         lines.append(
             f"| {r['name']} | {r['lowvram_median_ms']:.1f} | {r['plain_median_ms']:.1f} | "
-            f"**{r['ratio']:.3f}**{_rounds(r)} | {r['lowvram_tokens_per_s']:,.0f} | "
+            f"**{r['ratio']:.3f}**{_spread(r)} | {r['lowvram_tokens_per_s']:,.0f} | "
             f"{r['plain_tokens_per_s']:,.0f} | {r['lowvram_peak_bytes'] / MiB:,.0f} / "
-            f"{r['plain_peak_bytes'] / MiB:,.0f} MiB | {'yes' if r['ratio'] <= GOAL else '**no**'} |"
+            f"{r['plain_peak_bytes'] / MiB:,.0f} MiB | {goal_met(r)} |"
         )
     lines += [f"\n- {note}" for note in results.get("notes", [])]
     return "\n".join(lines)
 
 
+def _method(row: dict[str, Any]) -> str:
+    """How ``row`` was measured, in words (results from before the paired method: sequential)."""
+    if row.get("method") == "paired":
+        return (f"both loops on the GPU at once, taking turns step by step: one `lowvram.train.train` "
+                f"run whose `on_optimizer_step` runs one step of the plain loop, with a CUDA event "
+                f"on each side of it, so that each loop's step k runs next to the other's and the "
+                f"host's drift hits both alike; the ratio is the median of {row['steps']} "
+                f"per-step ratios after {row['warmup']} warm-up steps, with its 95% interval "
+                f"(order statistics of the binomial). Peak: the allocator's peak in each loop's "
+                f"turns less what the waiting loop held")
+    return (f"a `lowvram.train.train` run, then a run of the plain loop, taken in turn "
+            f"{row.get('rounds', 1)} time(s) (each round's ratio in brackets); a CUDA event each "
+            f"time the gradients are complete; the median of {row['steps']} steps after "
+            f"{row['warmup']} warm-up steps, pooled over the rounds. Peak: "
+            f"`torch.cuda.max_memory_allocated`, the largest of the runs")
+
+
 def gpu_readme_section(results: dict[str, Any], command: str) -> str:
     """The text between the README's GPU markers: GPU, date, command, table, method."""
     g = results["gpu"]
-    steps = results["rows"][0] if results["rows"] else {"steps": "-", "warmup": "-"}
+    methods = list(dict.fromkeys(_method(r) for r in results["rows"])) or ["-"]
     return "\n".join([
         "Generated by `make bench` on a CUDA GPU; do not edit by hand.",
         "",
@@ -291,13 +452,9 @@ def gpu_readme_section(results: dict[str, Any], command: str) -> str:
         "",
         format_gpu_table(results),
         "",
-        f"How: a `lowvram.train.train` run, then a run of the plain loop (`torch.autocast` + "
-        f"`GradScaler`, the same model, optimizer, data and accumulation, clip once the gradients "
-        f"are complete), taken in turn {steps.get('rounds', 1)} time(s) (each round's ratio in "
-        f"brackets); a CUDA event each time the gradients are complete, no synchronisation in "
-        f"between; the median of {steps['steps']} steps after {steps['warmup']} warm-up steps, "
-        f"pooled over the rounds. Peak: `torch.cuda.max_memory_allocated`, the largest of the "
-        f"runs.",
+        "How: the plain loop is `torch.autocast` + `GradScaler` with the same model, optimizer, "
+        "data and accumulation, clipping once the gradients are complete; no synchronisation "
+        "is added to either loop. " + "; or ".join(methods) + ".",
     ])
 
 
