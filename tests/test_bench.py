@@ -399,7 +399,6 @@ def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> 
         monkeypatch.setattr(torch.cuda, name, lambda *a, _v=value, **k: _v)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free["bytes"], 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
-    monkeypatch.setattr(gpu, "_warm_cublas", lambda: None)
     monkeypatch.setattr(gpu, "gpu_info", lambda: {"name": "Fake GPU"})
     real_train, real_plain = lowvram.train.train, loops._plain_loop
     monkeypatch.setattr(lowvram.train, "train", lambda *a, **k: real_train(*a, **{**k, "cpu": True}))
@@ -414,6 +413,7 @@ def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> 
     import lowvram.verify  # bitsandbytes would not import under the faked torch.cuda
 
     monkeypatch.setattr(lowvram.verify, "bitsandbytes_problem", lambda: None)
+    monkeypatch.setattr(lowvram.verify, "warm_matmul_libraries", lambda device: None)
 
     specs, notes = gpu.default_gpu_specs()
     names = [s.name for s in specs]
@@ -514,3 +514,22 @@ def test_the_gpu_sections_ratios_stand_next_to_the_proxy(cli_run: tuple[dict, Pa
     [line] = [x for x in lines if x.startswith("| For comparison:")]
     assert "NVIDIA H200" in line and "fp16 4 x 4 (the lesson's) **1.281**" in line
     assert lines.index(line) == 1 + next(i for i, x in enumerate(lines) if "Host-bound proxy" in x)
+
+
+def test_gpu_profiles_pageable_variant_turns_pinning_and_non_blocking_off() -> None:
+    """``python -m lowvram._bench.gpu_profile``'s "pageable" run (batches as before issue 19)
+    must reach the loaders although their callers pass pin_memory/non_blocking themselves (a
+    functools.partial did not: the caller's keyword won, and "pageable" measured "base")."""
+    import lowvram.train
+    from lowvram._bench.gpu_profile import _variant
+    from lowvram.data import build_dataloaders, random_rows
+
+    rows = random_rows(MODEL, 8, seed=0)
+    with _variant("pageable"):
+        loaders = build_dataloaders(rows, rows, batch_size=2, pin_memory=True)
+        config = lowvram.train.DataLoaderConfiguration(non_blocking=True, use_seedable_sampler=True)
+    assert [loader.pin_memory for loader in loaders] == [False, False]
+    assert (config.non_blocking, config.use_seedable_sampler) == (False, True)
+    # and only inside the variant
+    assert build_dataloaders(rows, rows, batch_size=2, pin_memory=True)[0].pin_memory
+    assert lowvram.train.DataLoaderConfiguration(non_blocking=True).non_blocking

@@ -178,17 +178,6 @@ def _reading() -> tuple[int, int]:
     return stats.get("allocated_bytes.all.current", 0), stats.get("allocated_bytes.all.peak", 0)
 
 
-def _warm_cublas() -> None:
-    """A matmul forward and backward, in fp32 and under fp16 autocast, so that the cuBLAS
-    workspaces (one per thread: autograd's backward runs in a thread of its own) exist before
-    a measurement starts, shared by both loops instead of counted in whichever came first."""
-    x = torch.ones(64, 64, device="cuda", requires_grad=True)
-    (x @ x).sum().backward()
-    with torch.autocast("cuda", dtype=torch.float16):
-        (x @ x).float().sum().backward()
-    del x
-
-
 def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, rounds: int = 2,
                         paired: bool = True) -> dict[str, Any]:
     """``train()`` against the plain loop on ``spec``: ``warmup + steps`` timed steps.
@@ -210,6 +199,7 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, roun
     from lowvram._bench.loops import _plain_loop
     from lowvram.data import random_rows
     from lowvram.train import train
+    from lowvram.verify import warm_matmul_libraries
 
     if steps < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"steps={steps}, warmup={warmup}, rounds={rounds}: need steps >= 1, "
@@ -239,7 +229,9 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, roun
 
     def run_paired() -> dict[str, Any]:
         _free()
-        _warm_cublas()
+        # the cuBLAS/cuBLASLt workspaces before either loop: in the base, shared by both,
+        # instead of counted in whichever loop ran a matmul first
+        warm_matmul_libraries(device)
         _free()
         base = torch.cuda.memory_allocated(device)
         plain = _plain_loop(model_config, train_config, total, rows, val, device)

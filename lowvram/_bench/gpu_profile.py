@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import io
 import json
 import os
@@ -222,10 +221,15 @@ def _variant(name: str) -> Iterator[None]:
         saved.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
 
+    def forcing(f: Callable[..., Any], **fixed: Any) -> Callable[..., Any]:
+        # not functools.partial: the callers pass these keywords themselves, and a keyword
+        # given at the call beats a partial's
+        return lambda *args, **kwargs: f(*args, **{**kwargs, **fixed})
+
     if name == "pageable":  # before issue 19: ordinary memory, each copy waits for the GPU
-        patch(lowvram.data, "DataLoader", functools.partial(lowvram.data.DataLoader, pin_memory=False))
+        patch(lowvram.data, "DataLoader", forcing(lowvram.data.DataLoader, pin_memory=False))
         patch(lowvram.train, "DataLoaderConfiguration",
-              functools.partial(lowvram.train.DataLoaderConfiguration, non_blocking=False))
+              forcing(lowvram.train.DataLoaderConfiguration, non_blocking=False))
         # (the plain loop's non_blocking copy from ordinary memory waits as well: CUDA stages
         # a pageable copy through its own buffer, after the stream's queued work)
     if name in ("no-fp32-outputs", "all"):

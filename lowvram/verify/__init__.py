@@ -47,6 +47,7 @@ from lowvram.verify.check import (
     measure_context,
     verify_plan,
     verify_training,
+    warm_matmul_libraries,
 )
 from lowvram.verify.cli import format_plan_table, format_result, main, verify_cli
 
@@ -62,4 +63,5 @@ __all__ = [
     "verify_cli",
     "verify_plan",
     "verify_training",
+    "warm_matmul_libraries",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "measure_context",
     "verify_plan",
     "verify_training",
+    "warm_matmul_libraries",
 ]
 
 MiB = 2**20
@@ -93,17 +94,21 @@ def measure_context(device: torch.device | None = None) -> int:
     :func:`verify_training` measures again after the run.
     """
     device = torch.device("cuda", torch.cuda.current_device()) if device is None else device
-    # a Linear with bias, forward and backward, in fp32 and under fp16 autocast: the cuBLAS and
-    # cuBLASLt handles train() will use (their workspace goes through the allocator)
-    layer = torch.nn.Linear(64, 64, device=device)
-    x = torch.randn(8, 64, device=device)
-    layer(x).sum().backward()
-    with torch.autocast("cuda", dtype=torch.float16):
-        layer(x).float().sum().backward()
-    del layer, x
+    warm_matmul_libraries(device)
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     return total - free - torch.cuda.memory_reserved(device)
+
+
+def warm_matmul_libraries(device: torch.device) -> None:
+    """A Linear with bias, forward and backward, in fp32 and under fp16 autocast: the cuBLAS and
+    cuBLASLt handles train() will use exist afterwards (one per thread: backward runs in
+    autograd's own), with their workspaces, which go through the caching allocator."""
+    layer = torch.nn.Linear(64, 64, device=device)
+    x = torch.randn(2, 8, 64, device=device)
+    layer(x).sum().backward()
+    with torch.autocast("cuda", dtype=torch.float16):
+        layer(x).float().sum().backward()
 
 
 # --------------------------------------------------------------------------- the prediction
