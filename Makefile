@@ -128,7 +128,7 @@ unit: install
 # 2 steps under a 4 GiB cap, the GPU bench. Results in $$OUT if set, else build/gpu/. Without an
 # NVIDIA GPU it says "skipped" and exits 0. On the lent machine: make -o install -o data
 # test-gpu PY=python3 (../shared/gpu-check.sh prepares the call); GPU_BUDGET=seconds in all.
-GPU_BUDGET ?= 355
+GPU_BUDGET ?= 400
 test-gpu: install data
 	PYTHONHASHSEED=0 $(PY) tests/gpu_suite.py --budget $(GPU_BUDGET)
 

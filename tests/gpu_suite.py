@@ -23,7 +23,7 @@ other processes would add to); then the plan rows next to the notebooks (memory 
 process, and the plan rows take the card's context as given: the planner's 270 MiB, the
 context of an RTX 2050 rather than of the large GPU that emulates it); the bench last, alone,
 so that nothing disturbs its timings. The whole run stays inside ``--budget`` seconds (default
-355).
+400).
 
 Results go to ``$OUT`` when that variable is set (the device machine returns that folder), else
 to ``build/gpu/``: ``summary.json`` and ``summary.txt`` (rewritten after every part, so a run
@@ -57,7 +57,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("pytest", "notebooks", "plan", "bench")
-BUDGET_S = 355  # the whole run (< 6 min): the lent machine's call allows about 8 minutes in all
+BUDGET_S = 400  # the whole run: the device call allows 480 s, and run.sh installs wheels first
 BENCH_S = 100  # kept for the bench, which runs last
 PYTEST_S = 150  # pytest -m gpu, at most (other branches add gpu tests too)
 NOTEBOOK_TIMEOUT_S = 240  # one notebook
