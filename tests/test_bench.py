@@ -334,17 +334,26 @@ def test_gpu_readme_section_names_the_gpu_and_goes_between_its_markers(tmp_path:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 def test_gpu_flag_without_cuda_writes_not_measured(tmp_path: Path, capsys) -> None:
-    from lowvram._bench.gpu import GPU_README_END, GPU_README_START
+    """Without CUDA the GPU section says "not measured", unless a GPU measured it before: that
+    table stays (make bench on a laptop must not wipe the numbers of a lent H200)."""
+    from lowvram._bench.gpu import GPU_README_END, GPU_README_START, gpu_readme_section
 
     readme = tmp_path / "README.md"
-    readme.write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    readme.write_text(f"# x\n\n{GPU_README_START}\nold text\n{GPU_README_END}\n", encoding="utf-8")
     assert bench.main(["--gpu", "--json", "--write-readme", "--readme", str(readme)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["gpu"] is None and out["rows"] == [] and "not measured" in out["notes"][0]
     text = readme.read_text()
     section = text[text.index(GPU_README_START):text.index(GPU_README_END)]
-    assert "Not measured: the last `make bench`" in section
+    assert "Not measured: the last `make bench`" in section and "old text" not in section
     assert "torch.cuda.is_available() is False" in section
+
+    measured = f"# x\n\n{GPU_README_START}\n{gpu_readme_section(_gpu_results(), 'c')}\n{GPU_README_END}\n"
+    readme.write_text(measured, encoding="utf-8")
+    assert bench.main(["--gpu", "--write-readme", "--readme", str(readme)]) == 0
+    assert readme.read_text() == measured
+    assert "kept the GPU section of" in (err := capsys.readouterr().err)
+    assert "measured on NVIDIA H200, 2026-12-04 16:30 UTC" in err
 
 
 def test_gpu_flag_refuses_the_cpu_parts_options(capsys) -> None:

@@ -147,6 +147,13 @@ def _gpu_main(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"gpu": None, "rows": [], "notes": [f"not measured: {reason}"]}))
         if args.write_readme:
+            # a table a GPU measured stays: a run on a machine without one has nothing to put
+            # in its place (make bench on a laptop would otherwise wipe the H200's numbers)
+            measured = _gpu_reference(args.readme)
+            if measured is not None:
+                _log(f"kept the GPU section of {args.readme}: measured on {measured['gpu']}, "
+                     f"{measured['started_utc'] or 'undated'}")
+                return 0
             write_readme(not_measured_section(reason), args.readme, GPU_README_START, GPU_README_END)
             _log(f"wrote the GPU section of {args.readme} (not measured)")
         return 0
