@@ -468,6 +468,23 @@ def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> 
     assert results["notes"] == [f"{row['name']}: {row['note']}"]
     assert row["note"].startswith("not paired: 0.0 GiB free on the GPU, two loops at once need")
 
+    # room by the estimate, but the pair runs out of memory: one after the other all the same
+    free["bytes"] = 80 * 2**30
+    builds = []
+
+    def plain_short_of_memory(*args):
+        builds.append(len(builds))
+        if len(builds) == 1:  # the paired run's plain loop, built next to train()'s
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_plain(*args[:-1], torch.device("cpu"))
+
+    monkeypatch.setattr(loops, "_plain_loop", plain_short_of_memory)
+    (row,) = gpu.run_gpu(specs[:1], steps=2, warmup=1, rounds=1)["rows"]
+    assert row["method"] == "rounds" and len(row["lowvram_ms"]) == len(row["plain_ms"]) == 2
+    assert row["note"] == ("not paired: both loops at once ran out of GPU memory (CUDA out of "
+                           "memory. Tried to allocate 2.00 GiB); measured one after the other, "
+                           "1 round")
+
 
 def test_gpu_results_from_a_lent_machine_go_into_the_readme(tmp_path: Path, capsys) -> None:
     from lowvram._bench.gpu import GPU_README_END, GPU_README_START

@@ -289,7 +289,7 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, roun
             paired = False
             result["note"] = (f"not paired: {free / 2**30:.1f} GiB free on the GPU, two loops at "
                               f"once need about {need / 2**30:.1f} GiB; measured one after the "
-                              f"other, {rounds} rounds")
+                              f"other, {rounds} round{'s' * (rounds != 1)}")
     if paired:
         try:
             result.update(run_paired())
@@ -298,7 +298,7 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, roun
             paired = False
             first = (str(err).splitlines() or [""])[0][:120]
             result["note"] = (f"not paired: both loops at once ran out of GPU memory ({first}); "
-                              f"measured one after the other, {rounds} rounds")
+                              f"measured one after the other, {rounds} round{'s' * (rounds != 1)}")
     if not paired:
         lowvram_ms: list[float] = []
         plain_ms: list[float] = []
