@@ -308,14 +308,19 @@ def part_bench(out: Path, timeout: float) -> dict[str, Any]:
     if rc is None or results is None:
         return _no_json(rc, timeout, "bench_gpu.log")
     (out / "bench_gpu.json").write_text(json.dumps(results, indent=1))
-    from lowvram._bench.gpu import format_gpu_table, gpu_readme_section
+    from lowvram._bench.gpu import format_gpu_table, goal_met, gpu_readme_section
 
     table = format_gpu_table(results)
     (out / "bench_gpu.md").write_text(
         gpu_readme_section(results, "python -m lowvram._bench --gpu") + "\n")
-    ratios = [r["ratio"] for r in results.get("rows", []) if r.get("ratio")]
-    summary = (f"{len(ratios)} configurations measured; train() / plain loop: "
-               + ", ".join(f"{x:.2f}" for x in ratios) if ratios else "no configuration measured")
+    rows = [r for r in results.get("rows", []) if r.get("ratio")]
+    ratios = [r["ratio"] for r in rows]
+    summary = (f"{len(ratios)} configurations measured, train() / plain loop: "
+               + "; ".join(f"{r['name']} {r['ratio']:.3f}"
+                           + (" (95%: {:.3f}-{:.3f})".format(*r["ratio_interval"])
+                              if r.get("ratio_interval") else "")
+                           + f", goal met: {goal_met(r).strip('*')}" for r in rows)
+               if ratios else "no configuration measured")
     return {"passed": rc == 0 and bool(ratios), "summary": summary, "table": table}
 
 

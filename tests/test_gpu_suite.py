@@ -157,12 +157,16 @@ def test_plan_part_reads_the_rows_past_a_stray_line_and_fails_on_a_bad_row(tmp_p
 def test_bench_part_writes_json_and_the_readme_section(tmp_path, monkeypatch):
     from test_bench import _gpu_results
 
-    results = _gpu_results()
+    results = _gpu_results()  # the second row paired, with its interval (a list, as in JSON)
+    results["rows"][1].update(method="paired", ratio_interval=[1.01, 1.06])
     stdout = "precision: fp16 (...)\n" + json.dumps(results, indent=1)
     monkeypatch.setattr(gpu_suite, "run_command", lambda *a, **k: (0, stdout))
     result = gpu_suite.part_bench(tmp_path, 100)
     assert result["passed"]
-    assert result["summary"] == "2 configurations measured; train() / plain loop: 1.28, 1.02"
+    assert result["summary"] == (
+        "2 configurations measured, train() / plain loop: fp16 4 x 4 (the lesson's) 1.281, goal "
+        "met: no; bf16 4 x 4 1.020 (95%: 1.010-1.060), goal met: not decided (the interval holds "
+        "the goal)")
     assert json.loads((tmp_path / "bench_gpu.json").read_text()) == results
     section = (tmp_path / "bench_gpu.md").read_text()
     assert "- **GPU:** NVIDIA H200" in section and "| **1.281** |" in section
