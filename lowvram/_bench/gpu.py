@@ -240,13 +240,17 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, roun
         torch.cuda.reset_peak_memory_stats()
         ends: list[torch.cuda.Event] = []  # train()'s gradients complete: its turn ends
         starts: list[torch.cuda.Event] = []  # the plain loop's step done: train()'s turn starts
+        host_ends: list[float] = []  # the host's clock at the same two places
+        host_starts: list[float] = []
 
         def hook(model: torch.nn.Module) -> None:  # one reading and one event per turn each
             memory.turn_ended("train", *_reading())
             record(ends)
+            host_ends.append(time.perf_counter())
             next(plain)
             memory.turn_ended("plain", *_reading())
             record(starts)
+            host_starts.append(time.perf_counter())
 
         try:
             run_train(hook)
@@ -259,8 +263,14 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, roun
         # from starts[k - 1] to ends[k]. Hook 0 has no train() step before it: dropped.
         lv = [starts[k - 1].elapsed_time(ends[k]) for k in range(1, total)][warmup:]
         pl = [ends[k].elapsed_time(starts[k]) for k in range(1, total)][warmup:]
+        # the same turns on the host's clock: where a loop's GPU time is its host time, the
+        # host is what it waits for (a diagnosis for gpu_profile, not the measurement)
+        host_lv = [1e3 * (host_ends[k] - host_starts[k - 1]) for k in range(1, total)][warmup:]
+        host_pl = [1e3 * (host_starts[k] - host_ends[k]) for k in range(1, total)][warmup:]
         return {"lowvram_ms": lv, "plain_ms": pl,
                 "step_ratios": [a / b for a, b in zip(lv, pl, strict=True)],
+                "lowvram_host_median_ms": statistics.median(host_lv),
+                "plain_host_median_ms": statistics.median(host_pl),
                 "lowvram_peak_bytes": memory.peak["train"], "plain_peak_bytes": memory.peak["plain"]}
 
     def run_alone(loop: str) -> tuple[list[float], int]:
@@ -368,8 +378,10 @@ def run_gpu(specs: list[GpuSpec] | None = None, *, steps: int = 30, warmup: int 
             r = rows[-1]
             if r.get("note"):
                 notes.append(f"{spec.name}: {r['note']}")
+            host = (f"; on the host's clock {r['lowvram_host_median_ms']:.1f} and "
+                    f"{r['plain_host_median_ms']:.1f} ms" if "lowvram_host_median_ms" in r else "")
             log(f"    train() {r['lowvram_median_ms']:.1f} ms, plain {r['plain_median_ms']:.1f} ms: "
-                f"{r['ratio']:.3f}{_spread(r)}")
+                f"{r['ratio']:.3f}{_spread(r)}{host}")
     return {"gpu": gpu_info(), "started_utc": started, "total_s": time.perf_counter() - t0,
             "rows": rows, "notes": notes}
 
