@@ -187,8 +187,9 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, roun
     of the plain loop, a CUDA event on each side of it. So step k of each loop runs next to
     step k of the other, and whatever the machine does meanwhile (the host's other load, its
     clock) hits both alike. The ratio is the median of the per-step ratios, with a 95%
-    interval (:func:`median_interval`). It needs both loops in GPU memory; where they do not fit,
-    the GPU runs out of memory and the sequential way runs instead (a note says so).
+    interval (:func:`median_interval`). It needs both loops in GPU memory: where the GPU's free
+    memory is below 2 x 16 bytes a parameter (x 1.25), or the pair runs out of memory, the
+    sequential way runs instead, and the row's ``note`` says why.
 
     Sequential (``paired=False``): a ``train()`` run, then a plain run, ``rounds`` times in
     turn; the medians pool the rounds' steps. On a fast GPU this model's step is bound by the
