@@ -505,6 +505,8 @@ def test_gpu_results_from_a_lent_machine_go_into_the_readme(tmp_path: Path, caps
     results.write_text("{}")
     assert bench.main(["--gpu", "--gpu-results", str(results)]) == 2
     assert "not the JSON of a --gpu --json run (KeyError" in capsys.readouterr().err
+    assert bench.main(["--gpu", "--gpu-results", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: cannot read it (No such file or directory)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--gpu-results", str(results)])
     assert "--gpu-results needs --gpu" in capsys.readouterr().err

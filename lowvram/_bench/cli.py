@@ -129,9 +129,15 @@ def _gpu_main(args: argparse.Namespace) -> int:
             return 2
     if args.gpu_results:
         try:
-            results = json.loads(Path(args.gpu_results).read_text(encoding="utf-8"))
+            text = Path(args.gpu_results).read_text(encoding="utf-8")
+        except OSError as err:
+            _log(f"error: --gpu-results {args.gpu_results}: cannot read it ({err.strerror or err}); "
+                 "give the bench_gpu.json of a --gpu --json run (make test-gpu writes one)")
+            return 2
+        try:
+            results = json.loads(text)
             table = format_gpu_table(results)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError) as err:
             _log(f"error: --gpu-results {args.gpu_results}: not the JSON of a --gpu --json run "
                  f"({type(err).__name__}: {err})")
             return 2
