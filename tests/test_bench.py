@@ -444,9 +444,12 @@ def test_gpu_bench_runs_both_loops_and_picks_the_plans_16x1_row(monkeypatch) -> 
     assert row["step_ratios"] == [a / b for a, b in zip(row["lowvram_ms"], row["plain_ms"], strict=True)]
     assert row["ratio"] == statistics.median(row["step_ratios"])
     assert row["ratio_interval"] == (min(row["step_ratios"]), max(row["step_ratios"]))  # n = 6
-    # the faked events read the host's clock: the host medians are the same turns' medians
-    assert row["lowvram_host_median_ms"] == pytest.approx(row["lowvram_median_ms"], rel=0.05)
-    assert row["plain_host_median_ms"] == pytest.approx(row["plain_median_ms"], rel=0.05)
+    # the faked events read the host's clock too, microseconds apart: each turn's two times
+    # agree (all but a turn or two, where a garbage collection may fall between the two reads)
+    for loop in ("lowvram", "plain"):
+        pairs = list(zip(row[f"{loop}_host_ms"], row[f"{loop}_ms"], strict=True))
+        assert len(pairs) == 6 and sum(abs(h - e) < 0.5 for h, e in pairs) >= 4, (loop, pairs)
+        assert row[f"{loop}_host_median_ms"] == statistics.median(row[f"{loop}_host_ms"])
     assert "95%: " in gpu.format_gpu_table(results) and "taking turns step by step" in \
         gpu.gpu_readme_section({**results, "gpu": _gpu_results()["gpu"]}, "x")
     # the fake allocator: 100 MiB before either loop (base) and after the plain loop's build

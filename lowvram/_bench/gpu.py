@@ -270,6 +270,7 @@ def gpu_loop_comparison(spec: GpuSpec, *, steps: int = 30, warmup: int = 3, roun
         host_pl = [1e3 * (host_starts[k] - host_ends[k]) for k in range(1, total)][warmup:]
         return {"lowvram_ms": lv, "plain_ms": pl,
                 "step_ratios": [a / b for a, b in zip(lv, pl, strict=True)],
+                "lowvram_host_ms": host_lv, "plain_host_ms": host_pl,
                 "lowvram_host_median_ms": statistics.median(host_lv),
                 "plain_host_median_ms": statistics.median(host_pl),
                 "lowvram_peak_bytes": memory.peak["train"], "plain_peak_bytes": memory.peak["plain"]}
