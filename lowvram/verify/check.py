@@ -105,7 +105,7 @@ def warm_matmul_libraries(device: torch.device) -> None:
     cuBLASLt handles train() will use exist afterwards (one per thread: backward runs in
     autograd's own), with their workspaces, which go through the caching allocator."""
     layer = torch.nn.Linear(64, 64, device=device)
-    x = torch.randn(2, 8, 64, device=device)
+    x = torch.randn(8, 64, device=device)
     layer(x).sum().backward()
     with torch.autocast("cuda", dtype=torch.float16):
         layer(x).float().sum().backward()
